@@ -1,0 +1,81 @@
+"""Offline building blocks: a character-level tokenizer and tiny causal LMs built from a config.
+
+Nothing here downloads anything. The quickstart, the tests and the benchmarks use these so that they run on a
+machine with no network and no model hub.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>")
+# ChatML, as Qwen2.5 renders it; the generation prompt opens the assistant turn
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def char_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per printable ASCII character, plus the special tokens above.
+
+    Every string tokenizes to its characters, so a tokenized prompt is always a prefix of the tokenized
+    prompt + completion. `<|im_start|>` and `<|im_end|>` are single tokens for the ChatML `chat_template`.
+    """
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *string.printable])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_causal_lm(
+    vocab_size: int,
+    arch: str = "llama",
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_kwargs,
+) -> PreTrainedModel:
+    """A randomly initialised Llama or Qwen2 causal LM; the same `seed` gives the same weights, in a fresh model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+        **config_kwargs,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.to(dtype)
