@@ -1,0 +1,91 @@
+"""Shared fixtures: a character tokenizer and tiny models built fresh from a seeded config (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def tokenizer():
+    return char_tokenizer()
+
+
+def policy_and_ref(tokenizer, arch: str = "llama", noise: float = 0.05, seed: int = 0):
+    """A fresh reference model and a fresh policy: the same seeded weights, the policy then moved by seeded noise.
+
+    Both are new objects built from the config, never copies of a model a trainer has patched.
+    """
+    ref = tiny_causal_lm(len(tokenizer), arch=arch, seed=seed)
+    policy = tiny_causal_lm(len(tokenizer), arch=arch, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * noise)
+    return policy, ref
+
+
+def sequence_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """log π(completion | prompt) by a plain forward and log-softmax: the seed's computation, independent of TRL."""
+    input_ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=input_ids).logits[0, :-1]
+    log_probs = logits.log_softmax(-1).gather(1, input_ids[0, 1:, None]).squeeze(1)
+    return log_probs[len(prompt_ids) - 1 :].sum()
+
+
+def make_args(tmp_path, **kwargs):
+    from trl_dpo_ext import DPOConfig
+
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to="none",
+        logging_steps=1,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return DPOConfig(**defaults)
+
+
+def loss_and_grads(trainer, rows: list[int] | None = None):
+    """Loss and parameter gradients of the trainer on one collated batch of its prepared training rows."""
+    dataset = trainer.train_dataset
+    rows = list(range(len(dataset))) if rows is None else rows
+    batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in rows]))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    return loss.detach(), grads
+
+
+def assert_grads_close(grads, expected, atol=1e-6, rtol=1e-5):
+    """`atol` is in units of the tensor's largest entry (at least 1): float32 sums of O(1) terms differ by ~1e-7."""
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        scale = max(1.0, expected[name].abs().max().item())
+        diff = (grads[name] - expected[name]).abs().max().item()
+        torch.testing.assert_close(
+            grads[name], expected[name], atol=atol * scale, rtol=rtol, msg=f"gradient of {name}: max diff {diff:.3g}"
+        )
