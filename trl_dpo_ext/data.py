@@ -70,12 +70,18 @@ def rejected_ids_as_list(value: Any, row: int) -> list[list[int]]:
     raise _error(row, "rejected_ids", "a non-empty list[int] or list[list[int]]", value)
 
 
-def extract_prompt_multi(example: dict[str, Any]) -> dict[str, Any]:
+def extract_prompt_multi(example: dict[str, Any], idx: int = 0) -> dict[str, Any]:
     """`trl.extract_prompt` for a list of rejected: the prompt is the shortest of the chosen's common prefixes with
     each rejected. With one rejected it is exactly `trl.extract_prompt`."""
+    for column in TEXT_COLUMNS:
+        if example.get(column) is None:
+            raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
+    conversational = _is_messages(example["chosen"])
+    if not conversational and not isinstance(example["chosen"], str):
+        raise _error(idx, "chosen", "a str or a list of messages", example["chosen"])
     rejected = example["rejected"]
-    many = isinstance(rejected, list) and not _is_messages(rejected)
-    candidates = rejected if many else [rejected]
+    candidates = rejected_as_list(rejected, conversational, idx)
+    many = candidates is rejected  # given as a list of responses, rather than as one response
     prompt_len = min(len(extract_prompt({"chosen": example["chosen"], "rejected": r})["prompt"]) for r in candidates)
     stripped = [r[prompt_len:] for r in candidates]
     return {
