@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 
 import trl
 
@@ -11,6 +12,7 @@ from .losses import (
     CHOSEN_ONLY_LOSS_TYPES,
     LISTWISE_REDUCTIONS,
     REJECTED_REDUCTIONS,
+    REWARD_LISTWISE_REDUCTIONS,
     SUPPORTED_LOSS_TYPES,
 )
 
@@ -34,22 +36,140 @@ class DPOConfig(trl.DPOConfig):
             - `"sum"`: the sum over k; a prompt weighs in proportion to its number of rejected.
             - `"min"`: only the hardest negative, the pair whose rejected has the highest implicit reward.
             - `"softmax"`: the one-vs-K contrastive loss `−log e^{βΔw} / (e^{βΔw} + Σ_k e^{βΔlk})` (S-DPO, the top-1
-              Plackett-Luce term). Only with `loss_type="sigmoid"` (optionally together with `"sft"`).
+              Plackett-Luce term).
+            - `"plackett_luce"`: the likelihood of the full ranking chosen > rejected_1 > … > rejected_K (DPO paper,
+              appendix A.3); the rejected are ranked by the `scores` column when there is one, else taken as listed.
+            - `"infonca"`, `"nca"`: InfoNCA and NCA (arXiv 2402.05369), fitting the implicit rewards to the target
+              distribution softmax(scores / `score_temperature`) of the `scores` column (one-hot on the chosen
+              without scores).
 
-            With one rejected per example, all four equal the stock pairwise loss.
+            The listwise values (`"softmax"` and after) replace the sigmoid loss: they need `loss_type="sigmoid"`
+            (optionally with `"sft"`). With one rejected per example, `"mean"`, `"sum"`, `"min"`, `"softmax"` and
+            `"plackett_luce"` all equal the stock pairwise loss.
+        score_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature α of the target distribution softmax(scores / α) of `rejected_reduction="infonca"` and
+            `"nca"`. Smaller values put more of the target on the best-scored response.
+
+        > Parameters that control the reference initialisation (see `docs/ref_init.md`)
+
+        ref_init (`str` or `None`, *optional*, defaults to `None`):
+            How the reference model is made when no `ref_model` is passed. `None` keeps TRL's behaviour (the
+            reference is the initial model). `"sft_on_chosen"` first fine-tunes the model on the (prompt, chosen)
+            pairs of the training set, loss on the chosen tokens only (π_ref = argmax_π E[log π(y_w|x)]), saves it to
+            `ref_init_output_dir`, and uses it as both the frozen reference and the starting policy. Ignored, with a
+            warning, when a `ref_model` is passed.
+        ref_init_learning_rate (`float`, *optional*, defaults to `2e-5`):
+            Learning rate of the SFT stage (the default of `trl.SFTConfig`).
+        ref_init_num_train_epochs (`float`, *optional*, defaults to `1.0`):
+            Epochs of the SFT stage over the (prompt, chosen) pairs; used when `ref_init_max_steps` is `-1`.
+        ref_init_max_steps (`int`, *optional*, defaults to `-1`):
+            Optimizer steps of the SFT stage; overrides `ref_init_num_train_epochs` when positive. Needed with an
+            `IterableDataset`.
+        ref_init_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Per-device batch size of the SFT stage. `None` uses `per_device_train_batch_size`. The SFT stage sees one
+            sequence per example, against 1 + K per example for DPO, so it can often be larger.
+        ref_init_output_dir (`str` or `None`, *optional*, defaults to `None`):
+            Folder of the saved SFT reference. `None` uses `<output_dir>/sft_ref`. An existing folder made with the
+            same base model, data and SFT settings is reused; one made with others is an error.
+
+        > Parameters that control the gradient-weight diagnostics (see `docs/diagnostics.md`)
+
+        grad_weight_record (`bool`, *optional*, defaults to `False`):
+            Whether to record, at every training step, each row's gradient weights σ(r̂_l − r̂_w) and effective
+            weights (one per rejected) in `<output_dir>/grad_weights.jsonl`, one JSON line per row and step with its
+            dataset `index`, `step` and `epoch`. Written by the main process; a run resumed from a checkpoint first
+            drops the lines of the steps after it, and a fresh run starts an empty file. Read it with
+            `trl-dpo-ext report`. The `grad_weight/...` metrics are logged either way.
     """
 
     rejected_reduction: str = field(
         default="mean",
         metadata={
             "help": "How the K rejected responses of an example enter the loss: 'mean' (the broadcast loss, default), "
-            "'sum', 'min' (hardest negative only) or 'softmax' (one-vs-K contrastive, sigmoid loss only).",
+            "'sum', 'min' (hardest negative only), or a listwise loss replacing the sigmoid loss: 'softmax' "
+            "(one-vs-K), 'plackett_luce' (full ranking), 'infonca' or 'nca' (fit to the `scores` column).",
             "choices": list(REJECTED_REDUCTIONS),
         },
     )
 
+    score_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature α of the target distribution softmax(scores / α) of the 'infonca' and 'nca' "
+            "reductions."
+        },
+    )
+
+    ref_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the reference is made when no `ref_model` is passed: None (TRL's behaviour, the initial "
+            "model) or 'sft_on_chosen' (fine-tune on (prompt, chosen) first; the result is both the reference and the "
+            "starting policy).",
+            "choices": ["sft_on_chosen"],
+        },
+    )
+    ref_init_learning_rate: float = field(
+        default=2e-5, metadata={"help": "Learning rate of the SFT stage of `ref_init='sft_on_chosen'`."}
+    )
+    ref_init_num_train_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Epochs of the SFT stage of `ref_init`, used when `ref_init_max_steps` is -1."},
+    )
+    ref_init_max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps of the SFT stage of `ref_init`; -1 uses `ref_init_num_train_epochs`."},
+    )
+    ref_init_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Per-device batch size of the SFT stage of `ref_init`; None uses `per_device_train_batch_size`."
+        },
+    )
+    ref_init_output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the SFT reference made by `ref_init`; None uses `<output_dir>/sft_ref`."},
+    )
+
+    grad_weight_record: bool = field(
+        default=False,
+        metadata={
+            "help": "Record each training row's gradient weights σ(r̂_l − r̂_w) (and effective weights) at every step "
+            "in `<output_dir>/grad_weights.jsonl`, for `trl-dpo-ext report`."
+        },
+    )
+
+    def _check_ref_init(self) -> None:
+        if self.ref_init not in (None, "sft_on_chosen"):
+            raise ValueError(f"`ref_init` must be None or 'sft_on_chosen', got {self.ref_init!r}.")
+        if self.ref_init_learning_rate <= 0:
+            raise ValueError(f"`ref_init_learning_rate` must be positive, got {self.ref_init_learning_rate}.")
+        if self.ref_init_max_steps == 0 or self.ref_init_max_steps < -1:
+            raise ValueError(
+                f"`ref_init_max_steps` must be a positive number of steps, or -1 to use `ref_init_num_train_epochs`; "
+                f"got {self.ref_init_max_steps}."
+            )
+        if self.ref_init_max_steps == -1 and self.ref_init_num_train_epochs <= 0:
+            raise ValueError(
+                f"`ref_init_num_train_epochs` must be positive when `ref_init_max_steps=-1`, got "
+                f"{self.ref_init_num_train_epochs}."
+            )
+        if self.ref_init_batch_size is not None and self.ref_init_batch_size < 1:
+            raise ValueError(f"`ref_init_batch_size` must be None or at least 1, got {self.ref_init_batch_size}.")
+        if self.ref_init is None:
+            # As PEFT's configs: options that are set but unused warn instead of failing
+            unused = [f for f in fields(self) if f.name.startswith("ref_init_")]
+            set_fields = [f.name for f in unused if getattr(self, f.name) != f.default]
+            if set_fields:
+                warnings.warn(
+                    f"{set_fields} are set but `ref_init=None`, so they are unused. Set `ref_init='sft_on_chosen'` to "
+                    "make the SFT reference.",
+                    stacklevel=3,
+                )
+
     def __post_init__(self):
         super().__post_init__()
+        self._check_ref_init()
         if self.rejected_reduction not in REJECTED_REDUCTIONS:
             raise ValueError(
                 f"`rejected_reduction` must be one of {list(REJECTED_REDUCTIONS)}, got {self.rejected_reduction!r}."
@@ -66,6 +186,14 @@ class DPOConfig(trl.DPOConfig):
                     f"`loss_type={self.loss_type}`. To apply {pairwise} to every (chosen, rejected) pair, use "
                     "`rejected_reduction='mean'`, 'sum' or 'min'."
                 )
+            if self.rejected_reduction in REWARD_LISTWISE_REDUCTIONS and self.f_divergence_type != "reverse_kl":
+                raise ValueError(
+                    f"`rejected_reduction='{self.rejected_reduction}'` fits the implicit rewards β·log π_θ/π_ref "
+                    f"themselves, which `f_divergence_type='{self.f_divergence_type}'` has no form for. Use "
+                    "`f_divergence_type='reverse_kl'`, or `rejected_reduction='softmax'` or 'plackett_luce'."
+                )
+            if self.score_temperature <= 0:
+                raise ValueError(f"`score_temperature` must be positive, got {self.score_temperature}.")
             if self.use_weighting:
                 raise ValueError(
                     f"`use_weighting=True` weights each (chosen, rejected) pair, which "

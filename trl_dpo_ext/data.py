@@ -23,6 +23,8 @@ from trl.trainer.utils import pad
 
 TEXT_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Position of each row in the dataset given to the trainer, carried to the batch for the per-example diagnostics
+INDEX_COLUMN = "dataset_index"
 
 
 def _is_messages(value: Any) -> bool:
@@ -132,7 +134,33 @@ def tokenize_row(example: dict[str, Any], idx: int, processing_class, eos_token:
         "rejected_ids": rejected_ids,
         "num_rejected": len(rejected_ids),
         "num_identical_rejected": sum(ids == chosen_ids for ids in rejected_ids),
+        **check_scores(example, len(rejected_ids), idx),
+        INDEX_COLUMN: dataset_index(example, idx),
     }
+
+
+def check_scores(example: dict[str, Any], num_rejected: int, idx: int) -> dict[str, list[float]]:
+    """The optional `scores` of a row: one finite float per response, the chosen's first, then each rejected's."""
+    if "scores" not in example:
+        return {}
+    scores = example["scores"]
+    ok = isinstance(scores, list) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores)
+    if not ok:
+        raise _error(idx, "scores", "a list of finite floats (the chosen's score, then each rejected's)", scores)
+    if len(scores) != 1 + num_rejected:
+        raise ValueError(
+            f"Row {idx}, column 'scores': expected {1 + num_rejected} scores (the chosen's, then each of the "
+            f"{num_rejected} rejected), got {len(scores)}."
+        )
+    return {"scores": [float(v) for v in scores]}
+
+
+def dataset_index(example: dict[str, Any], idx: int) -> int:
+    """The row's position in the dataset given to the trainer: `idx`, or the index an earlier preparation stored."""
+    value = example.get(INDEX_COLUMN, idx)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _error(idx, INDEX_COLUMN, "a non-negative int (the row's position in the dataset)", value)
+    return value
 
 
 def check_tokenized_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
@@ -149,6 +177,8 @@ def check_tokenized_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
         "rejected_ids": rejected_ids,
         "num_rejected": len(rejected_ids),
         "num_identical_rejected": sum(ids == chosen_ids for ids in rejected_ids),
+        **check_scores(example, len(rejected_ids), idx),
+        INDEX_COLUMN: dataset_index(example, idx),
     }
 
 
@@ -189,7 +219,10 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
     `trl.trainer.dpo_trainer.DataCollatorForPreference`. Besides them it returns:
 
     - `"rejected_mask"`: bool [B, K_max], True where example i has a k-th rejected;
-    - `"ref_chosen_logps"` [B] and `"ref_rejected_logps"` [B, K_max] (0 where absent), when the examples carry them.
+    - `"ref_chosen_logps"` [B] and `"ref_rejected_logps"` [B, K_max] (0 where absent), when the examples carry them;
+    - `"scores"` [B, 1 + K_max] (the chosen's first; 0 where absent), when the examples carry them;
+    - `"dataset_index"` [B] (long), each row's position in the training dataset, when the examples carry it (it is
+      not a model input).
 
     Args:
         pad_token_id (`int`): token used for padding.
@@ -256,6 +289,13 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
             "completion_mask": padded(completion_masks, 0),
             "rejected_mask": torch.arange(max_rejected)[None, :] < torch.tensor(num_rejected)[:, None],
         }
+        if "scores" in examples[0]:
+            scores = torch.zeros(len(examples), 1 + max_rejected)
+            for i, example in enumerate(examples):
+                scores[i, : len(example["scores"])] = torch.tensor(example["scores"])
+            output["scores"] = scores
+        if INDEX_COLUMN in examples[0]:
+            output[INDEX_COLUMN] = torch.tensor([example[INDEX_COLUMN] for example in examples], dtype=torch.long)
         if "ref_chosen_logps" in examples[0]:
             output["ref_chosen_logps"] = torch.tensor([float(example["ref_chosen_logps"]) for example in examples])
         if "ref_rejected_logps" in examples[0]:

@@ -49,7 +49,9 @@ SUPPORTED_LOSS_TYPES = PAIRWISE_LOSS_TYPES + BATCH_SORTED_LOSS_TYPES + CHOSEN_ON
 # How the K pair losses of one example are combined.
 PAIRWISE_REDUCTIONS = ("mean", "sum", "min")
 # Losses over the whole list of responses, which replace the pairwise loss.
-LISTWISE_REDUCTIONS = ("softmax",)
+LISTWISE_REDUCTIONS = ("softmax", "plackett_luce", "infonca", "nca")
+# Listwise losses on the implicit rewards β·Δ themselves, which an f-divergence score does not replace
+REWARD_LISTWISE_REDUCTIONS = ("infonca", "nca")
 REJECTED_REDUCTIONS = PAIRWISE_REDUCTIONS + LISTWISE_REDUCTIONS
 
 
@@ -230,6 +232,91 @@ def softmax_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, rej
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
+def _masked_fill_value(dtype: torch.dtype) -> float:
+    # A finite stand-in for −∞: exp() of it is exactly 0, and no ∞ − ∞ can turn a gradient into NaN
+    return torch.finfo(dtype).min / 4
+
+
+def plackett_luce_loss(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the full ranking under the Plackett-Luce model (DPO paper, arXiv 2305.18290, A.3):
+
+        L = −Σ_{k=0}^{N−1} log( e^{r_k} / Σ_{j ≥ k} e^{r_j} )
+
+    with `rewards` r [B, N] already in rank order (best first: the chosen, then the rejected) and `mask` [B, N] True
+    for the responses present (padding at the end of a row is ignored). With N = 2 it is −log σ(r_0 − r_1), the
+    sigmoid loss; its first term alone is the one-vs-K `softmax_loss`. Returns [B].
+    """
+    rewards = rewards.masked_fill(~mask, _masked_fill_value(rewards.dtype))
+    suffix_lse = torch.logcumsumexp(rewards.flip(1), dim=1).flip(1)  # log Σ_{j ≥ k} e^{r_j}
+    return -(rewards - suffix_lse).masked_fill(~mask, 0.0).sum(dim=1)
+
+
+def score_targets(scores: torch.Tensor | None, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Target distribution softmax(s/α) [B, N] over the present responses; one-hot on the chosen without scores."""
+    if scores is None:
+        return F.one_hot(torch.zeros(mask.size(0), dtype=torch.long, device=mask.device), mask.size(1)).to(torch.float)
+    logits = (scores / alpha).masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=1)
+
+
+def infonca_loss(rewards: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """InfoNCA (Chen et al. 2024, arXiv 2402.05369): cross-entropy from the score targets to the softmax of
+    the implicit rewards, L = −Σ_i p_i · log softmax(r)_i, with p = softmax(s/α) (`score_targets`) and r = β·Δ [B, N].
+    With one-hot targets on the chosen it is the one-vs-K `softmax_loss`. Returns [B].
+    """
+    log_probs = torch.log_softmax(rewards.masked_fill(~mask, _masked_fill_value(rewards.dtype)), dim=1)
+    return -(targets * log_probs).masked_fill(~mask, 0.0).sum(dim=1)
+
+
+def nca_loss(rewards: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NCA (Chen et al. 2024, arXiv 2402.05369): each response is classified on its own,
+
+        L = −Σ_i p_i · log σ(r_i) − (1/N) Σ_i log σ(−r_i)
+
+    over the N = K + 1 responses present, with p = softmax(s/α) and r = β·Δ [B, N]. With N = 2 and one-hot targets it
+    is TRL's `nca_pair`. Returns [B].
+    """
+    attract = -(targets * F.logsigmoid(rewards)).masked_fill(~mask, 0.0).sum(dim=1)
+    repel = -F.logsigmoid(-rewards).masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1)
+    return attract + repel
+
+
+def listwise_loss(
+    reduction: str,
+    logps: PreferenceLogps,
+    *,
+    beta: float,
+    scores: torch.Tensor | None = None,
+    score_temperature: float = 1.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """Per-example [B] listwise loss over the chosen and its K rejected (`reduction` in `LISTWISE_REDUCTIONS`).
+
+    `scores` [B, 1 + K] (chosen first) are the targets of `infonca`/`nca`, and give the order of the rejected for
+    `plackett_luce` (best first; without scores, the rejected are taken as listed, in rank order).
+    """
+    chosen = f_divergence_scores(logps.chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected = f_divergence_scores(logps.rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    if reduction == "softmax":
+        return softmax_loss(chosen, rejected, logps.rejected_mask, beta)
+    rewards = beta * torch.cat([chosen, rejected], dim=1)  # [B, 1 + K]
+    mask = torch.cat([torch.ones_like(logps.rejected_mask[:, :1]), logps.rejected_mask], dim=1)
+    if reduction == "plackett_luce":
+        if scores is not None:  # rank the rejected by score, best first (stable: ties keep the listed order)
+            rejected_scores = scores[:, 1:].masked_fill(~logps.rejected_mask, float("-inf"))
+            order = torch.argsort(rejected_scores, dim=1, descending=True, stable=True)
+            rewards = torch.cat([rewards[:, :1], rewards[:, 1:].gather(1, order)], dim=1)
+            mask = torch.cat([mask[:, :1], mask[:, 1:].gather(1, order)], dim=1)
+        return plackett_luce_loss(rewards, mask)
+    targets = score_targets(scores, mask, score_temperature).to(rewards.dtype)
+    if reduction == "infonca":
+        return infonca_loss(rewards, targets, mask)
+    if reduction == "nca":
+        return nca_loss(rewards, targets, mask)
+    raise ValueError(f"Unknown listwise reduction {reduction!r}; expected one of {LISTWISE_REDUCTIONS}.")
+
+
 def multi_rejected_loss(
     loss_type: str,
     reduction: str,
@@ -241,20 +328,29 @@ def multi_rejected_loss(
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
     pair_weights: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    score_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-example loss [B] of one `loss_type` over one chosen and K rejected, reduced by `reduction`.
 
-    `pair_weights` [B, K] (WPO, arXiv 2406.11827, Eq. 2) scales each pair's loss before the reduction.
+    `pair_weights` [B, K] (WPO, arXiv 2406.11827, Eq. 2) scales each pair's loss before the reduction. A listwise
+    `reduction` replaces the `sigmoid` pair loss (see `listwise_loss`); `scores` [B, 1 + K] feed it.
     """
     if loss_type in BATCH_SORTED_LOSS_TYPES:
         losses = aot_losses(loss_type, logps, beta=beta, label_smoothing=label_smoothing)
         return (losses if pair_weights is None else losses * pair_weights).squeeze(1)
-    if reduction == "softmax":
+    if reduction in LISTWISE_REDUCTIONS:
         if loss_type != "sigmoid":
-            raise ValueError(f"`rejected_reduction='softmax'` is the listwise form of 'sigmoid', not {loss_type!r}.")
-        chosen = f_divergence_scores(logps.chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-        rejected = f_divergence_scores(logps.rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-        return softmax_loss(chosen, rejected, logps.rejected_mask, beta)
+            raise ValueError(f"`rejected_reduction='{reduction}'` is a listwise form of 'sigmoid', not {loss_type!r}.")
+        return listwise_loss(
+            reduction,
+            logps,
+            beta=beta,
+            scores=scores,
+            score_temperature=score_temperature,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+        )
     losses = pairwise_losses(
         loss_type,
         logps,

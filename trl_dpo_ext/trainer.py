@@ -44,6 +44,8 @@ logger = get_logger(__name__)
 
 # Keys of the collated batch that the model's forward takes
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
+# Dataset columns the collator reads besides TRL's own
+EXTRA_SIGNATURE_COLUMNS = ["scores"]
 
 
 def scatter_rejected(values: torch.Tensor, rejected_mask: torch.Tensor) -> torch.Tensor:
@@ -241,6 +243,11 @@ class DPOTrainer(trl.DPOTrainer):
             except ValueError as error:
                 raise ValueError(f"{error} (in the {name} dataset)") from None
 
+    def _set_signature_columns_if_needed(self):
+        # Keep the columns the K-rejected collator reads besides TRL's (`remove_unused_columns` drops the others)
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *EXTRA_SIGNATURE_COLUMNS]
+
     # ------------------------------------------------------------ log-probs
 
     def _per_token_logps(self, model, inputs, reference: bool):
@@ -349,6 +356,8 @@ class DPOTrainer(trl.DPOTrainer):
                 label_smoothing=self.label_smoothing,
                 discopop_tau=self.args.discopop_tau,
                 pair_weights=pair_weights,
+                scores=inputs.get("scores"),
+                score_temperature=getattr(self.args, "score_temperature", 1.0),
             )
             loss = loss + per_example.mean() * loss_weight
 
