@@ -50,6 +50,15 @@ class DPOConfig(trl.DPOConfig):
             Temperature α of the target distribution softmax(scores / α) of `rejected_reduction="infonca"` and
             `"nca"`. Smaller values put more of the target on the best-scored response.
 
+        > Parameters that control the forward pass (see `docs/prefix_sharing.md`)
+
+        prefix_sharing (`bool`, *optional*, defaults to `False`):
+            Whether to forward the prompt of an example once for its chosen and all its rejected responses: each
+            example is packed as one row `[prompt | chosen | rejected_1 | … | rejected_K]` with a 4D attention mask
+            in which each response sees only the prompt and itself, for the policy, the reference and the precompute
+            pass. The log-probs are those of the unshared forward. Needs an attention implementation that takes a
+            4D mask (`"sdpa"`, `"eager"` or `"flex_attention"`) and, with `max_length`, `truncation_mode="keep_start"`.
+
         > Parameters that control the reference initialisation (see `docs/ref_init.md`)
 
         ref_init (`str` or `None`, *optional*, defaults to `None`):
@@ -97,6 +106,14 @@ class DPOConfig(trl.DPOConfig):
         metadata={
             "help": "Temperature α of the target distribution softmax(scores / α) of the 'infonca' and 'nca' "
             "reductions."
+        },
+    )
+
+    prefix_sharing: bool = field(
+        default=False,
+        metadata={
+            "help": "Forward each prompt once for its chosen and all its rejected responses: one packed row per "
+            "example with a 4D attention mask (SDPA, eager or FlexAttention); same log-probs as the unshared forward."
         },
     )
 
@@ -170,6 +187,12 @@ class DPOConfig(trl.DPOConfig):
     def __post_init__(self):
         super().__post_init__()
         self._check_ref_init()
+        if self.prefix_sharing and self.max_length is not None and self.truncation_mode == "keep_end":
+            raise ValueError(
+                f"`prefix_sharing=True` shares the prompt of every response, but `truncation_mode='keep_end'` (with "
+                f"`max_length={self.max_length}`) cuts a different part of the prompt for each response. Use "
+                "`truncation_mode='keep_start'`, `max_length=None`, or `prefix_sharing=False`."
+            )
         if self.rejected_reduction not in REJECTED_REDUCTIONS:
             raise ValueError(
                 f"`rejected_reduction` must be one of {list(REJECTED_REDUCTIONS)}, got {self.rejected_reduction!r}."

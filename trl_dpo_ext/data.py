@@ -20,6 +20,8 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.data_utils import _tokenize, common_prefix_length, extract_prompt, is_conversational
 from trl.trainer.utils import pad
 
+from .prefix_sharing import pack_preference_batch
+
 
 TEXT_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -229,6 +231,10 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
         max_length (`int`, *optional*): each sequence is truncated to this length before padding.
         truncation_mode (`str`, *optional*, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"`.
         pad_to_multiple_of (`int`, *optional*): pad the length to a multiple of this value.
+        prefix_sharing (`bool`, *optional*, defaults to `False`): also pack each example as one row [prompt |
+            chosen | rejected_1 | …]: the batch then holds `packed_input_ids`, `packed_position_ids`,
+            `packed_segment_ids`, `packed_completion_mask` [B, L_p] and `unpack_index` besides the unshared keys
+            (see `trl_dpo_ext.prefix_sharing.pack_preference_batch`).
 
     Examples:
     ```python
@@ -253,6 +259,7 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    prefix_sharing: bool = False
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         rejected = [rejected_ids_as_list(example["rejected_ids"], i) for i, example in enumerate(examples)]
@@ -296,6 +303,17 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
             output["scores"] = scores
         if INDEX_COLUMN in examples[0]:
             output[INDEX_COLUMN] = torch.tensor([example[INDEX_COLUMN] for example in examples], dtype=torch.long)
+        if self.prefix_sharing:  # one packed row per example, forwarded instead of the unshared `input_ids`
+            packed = pack_preference_batch(
+                examples,
+                rejected,
+                self.pad_token_id,
+                output["completion_mask"].size(1),
+                self.max_length,
+                self.truncation_mode,
+                self.pad_to_multiple_of,
+            )
+            output.update(packed)
         if "ref_chosen_logps" in examples[0]:
             output["ref_chosen_logps"] = torch.tensor([float(example["ref_chosen_logps"]) for example in examples])
         if "ref_rejected_logps" in examples[0]:

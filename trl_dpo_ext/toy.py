@@ -6,6 +6,7 @@ machine with no network and no model hub.
 
 from __future__ import annotations
 
+import random
 import string
 
 import torch
@@ -79,3 +80,36 @@ def tiny_causal_lm(
         torch.manual_seed(seed)
         model = model_class(config)
     return model.to(dtype)
+
+
+def flipped_preference_rows(
+    num_rows: int, flip_fraction: float = 0.1, max_rejected: int = 3, seed: int = 0
+) -> tuple[list[dict[str, object]], list[int]]:
+    """Preference rows with a known signal, a share of them mislabeled: the rows and the indices of the flipped ones.
+
+    Every chosen is a random lowercase word and its 1 to `max_rejected` rejected are random digit strings, except in
+    `round(flip_fraction · num_rows)` rows drawn at random, where the labels are flipped (digits chosen, words
+    rejected). A model learns "words over digits" from the majority within a few epochs, after which the flipped
+    rows are the ones it keeps ranking wrongly (see `docs/diagnostics.md`).
+    """
+    rng = random.Random(seed)
+
+    def word(alphabet: str) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 6)))
+
+    flipped = sorted(rng.sample(range(num_rows), round(flip_fraction * num_rows)))
+    flipped_set = set(flipped)
+    rows = []
+    for i in range(num_rows):
+        good, bad = string.ascii_lowercase, string.digits
+        if i in flipped_set:
+            good, bad = bad, good
+        num_rejected = rng.randint(1, max_rejected)
+        rows.append(
+            {
+                "prompt": word(string.ascii_lowercase) + "?",
+                "chosen": word(good),
+                "rejected": [word(bad) for _ in range(num_rejected)],
+            }
+        )
+    return rows, flipped

@@ -30,6 +30,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 
 from .config import DPOConfig
 from .data import (
+    INDEX_COLUMN,
     DataCollatorForMultiRejectedPreference,
     check_ref_logps,
     check_tokenized_row,
@@ -37,7 +38,22 @@ from .data import (
     missing_columns,
     tokenize_row,
 )
+from .diagnostics import (
+    EFFECTIVE_PREFIX,
+    GRAD_WEIGHT_PREFIX,
+    HISTOGRAM_REPORTERS,
+    GradWeightHistogramCallback,
+    GradWeightRecordCallback,
+    append_record,
+    effective_grad_weights,
+    format_record,
+    gather_pair_values,
+    grad_weights,
+    record_path,
+    weight_statistics,
+)
 from .losses import BATCH_SORTED_LOSS_TYPES, PreferenceLogps, length_desensitized_logps, multi_rejected_loss
+from .prefix_sharing import check_model_supports_prefix_sharing, packed_model_inputs, unpack_outputs
 
 
 logger = get_logger(__name__)
@@ -45,7 +61,7 @@ logger = get_logger(__name__)
 # Keys of the collated batch that the model's forward takes
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
 # Dataset columns the collator reads besides TRL's own
-EXTRA_SIGNATURE_COLUMNS = ["scores"]
+EXTRA_SIGNATURE_COLUMNS = ["scores", INDEX_COLUMN]
 
 
 def scatter_rejected(values: torch.Tensor, rejected_mask: torch.Tensor) -> torch.Tensor:
@@ -123,8 +139,23 @@ class DPOTrainer(trl.DPOTrainer):
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
+                prefix_sharing=getattr(args, "prefix_sharing", False),
             )
 
+        if getattr(args, "ref_init", None) is not None:
+            # Seed § 3.4: with no π_SFT, fine-tune on (prompt, chosen) first; the saved result is both the policy's
+            # start and, through `ref_model=None`, the reference (see `trl_dpo_ext.ref_init`)
+            from .ref_init import init_from_sft_reference
+
+            model, processing_class = init_from_sft_reference(
+                model, ref_model, train_dataset, processing_class, args, peft_config, quantization_config
+            )
+
+        prefix_sharing = getattr(args, "prefix_sharing", False)
+        if prefix_sharing:  # fail before the parent's precompute pass, for models given as instances
+            for name, instance in (("model", model), ("ref_model", ref_model)):
+                if instance is not None and not isinstance(instance, str):
+                    check_model_supports_prefix_sharing(instance, name)
         self._precompute_num_rejected: int | None = None
         super().__init__(
             model=model,
@@ -140,6 +171,9 @@ class DPOTrainer(trl.DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        if prefix_sharing:
+            self._check_prefix_sharing()
+        self._init_grad_weight_diagnostics()
 
     # ------------------------------------------------------------------ data
 
@@ -259,7 +293,7 @@ class DPOTrainer(trl.DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         seq_len = inputs["completion_mask"].size(1) - 1
         if not reference:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            outputs = self._fused_forward(model, model_kwargs, labels, inputs)
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
             return outputs.log_probs[:, -seq_len:], outputs
 
@@ -273,8 +307,29 @@ class DPOTrainer(trl.DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             adapter_context,
         ):
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            outputs = self._fused_forward(model, model_kwargs, labels, inputs)
         return outputs.log_probs[:, -seq_len:], outputs
+
+    def _fused_forward(self, model, model_kwargs: dict, labels: torch.Tensor, inputs):
+        """The fused-LM-head forward. With prefix sharing it runs on the packed rows, and its per-token outputs are
+        laid out as those of the unshared batch [B + R, L_u - 1], so everything after it is unchanged."""
+        if "packed_input_ids" not in inputs:
+            return model(**model_kwargs, labels=labels, fused_lm_head=True)
+        implementation = self.accelerator.unwrap_model(model).config._attn_implementation
+        packed_kwargs, packed_labels = packed_model_inputs(inputs, implementation)
+        outputs = model(**{**model_kwargs, **packed_kwargs}, labels=packed_labels, fused_lm_head=True)
+        return unpack_outputs(outputs, inputs)
+
+    def _check_prefix_sharing(self) -> None:
+        """Fail at construction where the packed forward would not give the unshared log-probs."""
+        check_model_supports_prefix_sharing(self.model, "model")
+        if self.ref_model is not None:
+            check_model_supports_prefix_sharing(self.ref_model, "ref_model")
+        if self.aux_loss_enabled:
+            raise NotImplementedError(
+                "`prefix_sharing=True` does not support the router auxiliary loss of Mixture-of-Experts models yet "
+                "(it reads a 2D attention mask). Set `router_aux_loss_coef=0.0` or `prefix_sharing=False`."
+            )
 
     def _sequence_logps(self, per_token_logps: torch.Tensor, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs of the chosen [B, 1] (or [B, K] under LD-DPO) and of the rejected [B, K]."""
@@ -367,6 +422,7 @@ class DPOTrainer(trl.DPOTrainer):
 
         with torch.no_grad():
             self._log_metrics(mode, inputs, outputs, logps)
+            self._log_grad_weights(mode, inputs, logps, pair_weights)
 
         if return_outputs:
             warnings.warn(
@@ -379,6 +435,57 @@ class DPOTrainer(trl.DPOTrainer):
             with torch.no_grad():
                 outputs = model(**{key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs})
         return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------- gradient weights
+
+    def _init_grad_weight_diagnostics(self) -> None:
+        report_to = self.args.report_to or []
+        self._grad_weight_histogram: GradWeightHistogramCallback | None = None
+        if any(name in report_to for name in HISTOGRAM_REPORTERS):
+            self._grad_weight_histogram = GradWeightHistogramCallback(report_to, self.callback_handler)
+            self.add_callback(self._grad_weight_histogram)
+        self._grad_weight_record = None
+        if getattr(self.args, "grad_weight_record", False):
+            self._grad_weight_record = record_path(self.args.output_dir)
+            self.add_callback(GradWeightRecordCallback(self._grad_weight_record))
+
+    def _log_grad_weights(self, mode: str, inputs, logps: PreferenceLogps, pair_weights: torch.Tensor | None) -> None:
+        """σ(r̂_l − r̂_w) and the effective weight of every pair (see `trl_dpo_ext.diagnostics`): the `grad_weight/...`
+        metrics, the histogram, and the per-example record when `grad_weight_record=True`."""
+        weights = grad_weights(logps, self.beta)
+        effective = effective_grad_weights(
+            logps,
+            self.beta,
+            self.loss_types,
+            self.loss_weights,
+            self.rejected_reduction,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            label_smoothing=self.label_smoothing,
+            discopop_tau=self.args.discopop_tau,
+            pair_weights=pair_weights,
+            scores=inputs.get("scores"),
+            score_temperature=getattr(self.args, "score_temperature", 1.0),
+        )
+        record = mode == "train" and self._grad_weight_record is not None
+        if record and INDEX_COLUMN not in inputs:
+            raise ValueError(
+                f"`grad_weight_record=True` needs each row's dataset index in the batch (key '{INDEX_COLUMN}'), which "
+                f"`DataCollatorForMultiRejectedPreference` adds; the batch has keys {sorted(inputs)}. Use the default "
+                "collator, or a collator that passes the 'dataset_index' column through."
+            )
+        pairs, index = gather_pair_values(
+            self.accelerator, torch.stack([weights, effective], dim=2), inputs[INDEX_COLUMN] if record else None
+        )
+        for prefix, values in ((GRAD_WEIGHT_PREFIX, pairs[..., 0]), (EFFECTIVE_PREFIX, pairs[..., 1])):
+            for key, value in weight_statistics(values, prefix).items():
+                self._metrics[mode][key].append(value)
+        if mode == "train" and self._grad_weight_histogram is not None:
+            self._grad_weight_histogram.add(pairs[..., 0], pairs[..., 1])
+        if record and self.accelerator.is_main_process:
+            # The update this batch enters is step global_step + 1; a resumed run truncates the steps after its own
+            step, epoch = self.state.global_step + 1, int(self.state.epoch or 0)
+            append_record(self._grad_weight_record, format_record(index, step, epoch, pairs[..., 0], pairs[..., 1]))
 
     # --------------------------------------------------------------- metrics
 

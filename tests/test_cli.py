@@ -1,0 +1,214 @@
+"""The `trl-dpo-ext` command: `dpo` on local JSON lines of real text, YAML configs, dispatch, and TRL's own script."""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import trl
+from conftest import SHARED_DATA
+from transformers import AutoModelForCausalLM
+
+from trl_dpo_ext import cli
+from trl_dpo_ext.convert import rated_to_multi_rejected
+from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+
+
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="../shared/data (the real preference data these tests read) is absent"
+)
+
+# Flags every `dpo` run here shares: a couple of CPU steps, nothing saved but the final model
+COMMON_FLAGS = [
+    "--per_device_train_batch_size", "2",
+    "--learning_rate", "1e-2",
+    "--report_to", "none",
+    "--bf16", "false",
+    "--activation_checkpointing", "false",
+    "--use_cpu", "true",
+    "--save_strategy", "no",
+    "--logging_steps", "1",
+    "--disable_tqdm", "true",
+    "--max_length", "160",
+]  # fmt: skip
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A tiny Llama and its character tokenizer, saved as a model folder (what `--model_name_or_path` names)."""
+    path = tmp_path / "tiny-model"
+    tokenizer = char_tokenizer(chat_template=None)
+    tiny_causal_lm(len(tokenizer), hidden_size=32, num_hidden_layers=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def pairwise_folder(tmp_path) -> Path:
+    """The 6 shortest of the first 200 HH-RLHF pairs (implicit prompt), as a folder with `train.jsonl`."""
+    with gzip.open(SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for _, line in zip(range(200), f, strict=False)]
+    rows = sorted(rows, key=lambda r: len(r["chosen"]) + len(r["rejected"]))[:6]
+    write_jsonl(tmp_path / "hh" / "train.jsonl", rows)
+    return tmp_path / "hh"
+
+
+@pytest.fixture
+def multi_rejected_folder(tmp_path) -> Path:
+    """AlpacaEval instructions with their best-rated response and the 3 lowest-rated, cut short, in `train.jsonl`."""
+    with gzip.open(SHARED_DATA / "alpacaeval-rated.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for _, line in zip(range(6), f, strict=False)]
+    rows = rated_to_multi_rejected(rows, num_rejected=3, min_rejected=3)
+    rows = [
+        {"prompt": r["prompt"][:60], "chosen": r["chosen"][:40], "rejected": [x[:40] for x in r["rejected"]]}
+        for r in rows
+    ]
+    assert len(rows) >= 4
+    write_jsonl(tmp_path / "alpaca" / "train.jsonl", rows)
+    return tmp_path / "alpaca"
+
+
+def changed_parameters(before: Path, after: Path) -> list[str]:
+    old = AutoModelForCausalLM.from_pretrained(before).state_dict()
+    new = AutoModelForCausalLM.from_pretrained(after).state_dict()
+    return [name for name in old if not torch.equal(old[name], new[name])]
+
+
+@needs_shared
+def test_dpo_command_trains_on_a_local_folder_of_real_pairwise_text(model_dir, pairwise_folder, tmp_path):
+    out = tmp_path / "out"
+    argv = ["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(pairwise_folder)]
+    assert cli.main([*argv, "--output_dir", str(out), "--max_steps", "2", *COMMON_FLAGS]) == 0
+    changed = changed_parameters(model_dir, out)
+    # Every weight the data reaches moves; only the norm weights of a 1-layer model may stay within float32 reach
+    assert "lm_head.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed, changed
+
+
+@needs_shared
+def test_dpo_command_reads_a_yaml_config_and_trains_on_lists_of_rejected(model_dir, multi_rejected_folder, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"model_name_or_path: {model_dir}\n"
+        f"dataset_name: {multi_rejected_folder}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "rejected_reduction: softmax\n"
+        "beta: 0.2\n"
+        "max_steps: 2\n"
+    )
+    parser = cli.make_dpo_parser()
+    # Flags given on the command line win over the file's values, as with `trl dpo --config`
+    parsed = parser.parse_args_and_config(["--config", str(config), "--beta", "0.3", *COMMON_FLAGS])
+    trainer = cli.dpo(*parsed)
+    assert trainer.args.rejected_reduction == "softmax" and trainer.args.beta == 0.3 and trainer.args.max_steps == 2
+    logs = [log for log in trainer.state.log_history if "num_rejected" in log]
+    assert [log["num_rejected"] for log in logs] == [3.0, 3.0]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_every_dpo_config_field_is_a_flag_of_the_dpo_command():
+    from trl_dpo_ext import DPOConfig
+
+    help_text = cli.make_dpo_parser().format_help()
+    for name in (
+        "rejected_reduction",
+        "ref_init",
+        "ref_init_learning_rate",
+        "beta",
+        "loss_type",
+        "model_name_or_path",
+    ):
+        assert f"--{name} " in help_text, name
+    parsed = cli.make_dpo_parser().parse_args_and_config(
+        ["--output_dir", "x", "--rejected_reduction", "min", *COMMON_FLAGS]
+    )
+    assert isinstance(parsed[1], DPOConfig) and parsed[1].rejected_reduction == "min"
+
+
+def test_dpo_command_without_a_dataset_says_what_to_give(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="Give a dataset: `--dataset_name`"):
+        cli.main(["dpo", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path), *COMMON_FLAGS])
+
+
+@pytest.mark.parametrize("command, module", [("sft-ref", "trl_dpo_ext.ref_init"), ("report", "trl_dpo_ext.report")])
+def test_sft_ref_and_report_get_the_rest_of_the_command_line(monkeypatch, command, module):
+    import importlib
+
+    calls = []
+    # `ref_init.main` returns the reference's folder: the command still exits with status 0, not with that string
+    monkeypatch.setattr(importlib.import_module(module), "main", lambda argv: calls.append(argv) or "some/folder")
+    assert cli.main([command, "--model_name_or_path", "m", "--x"]) == 0
+    assert calls == [["--model_name_or_path", "m", "--x"]]
+
+
+def test_unknown_command_fails_and_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train"])
+    assert "invalid choice: 'train'" in capsys.readouterr().err
+    assert cli.main([]) == 0
+    help_text = capsys.readouterr().out
+    assert all(command in help_text for command in ("quickstart", "dpo", "sft-ref", "report"))
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["trl-dpo-ext", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("trl-dpo-ext ")
+
+
+# --------------------------------------------------------------------------------- TRL's own script, one import swapped
+
+
+def swap_trl_imports(source: str) -> tuple[str, int]:
+    """`from trl import ..., DPOTrainer/DPOConfig, ...` -> the same names from `trl_dpo_ext`; returns the lines changed."""
+    out, changed = [], 0
+    for line in source.splitlines(keepends=True):
+        match = re.match(r"^(\s*)from trl import (.+)$", line.rstrip("\n"))
+        names = [n.strip() for n in match.group(2).split(",")] if match else []
+        ours = [n for n in names if n in ("DPOTrainer", "DPOConfig")]
+        if not ours:
+            out.append(line)
+            continue
+        indent, rest = match.group(1), [n for n in names if n not in ours]
+        if rest:
+            out.append(f"{indent}from trl import {', '.join(rest)}\n")
+        out.append(f"{indent}from trl_dpo_ext import {', '.join(ours)}\n")
+        changed += 1
+    return "".join(out), changed
+
+
+@needs_shared
+@pytest.mark.parametrize("shape", ["pairwise", "list_of_rejected"])
+def test_trls_own_dpo_script_runs_with_its_imports_swapped(
+    shape, model_dir, tmp_path, pairwise_folder, multi_rejected_folder
+):
+    source = (Path(trl.__file__).parent / "scripts" / "dpo.py").read_text()
+    swapped, changed = swap_trl_imports(source)
+    assert changed == 2, "TRL's script imports DPOTrainer in main() and DPOConfig in make_parser()"
+    script = tmp_path / "dpo_ext.py"
+    script.write_text(swapped)
+    folder, num_rejected = (pairwise_folder, 1) if shape == "pairwise" else (multi_rejected_folder, 3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    command = [
+        sys.executable, str(script),
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(folder),
+        "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "1",
+        *COMMON_FLAGS,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training completed." in result.stdout
+    # Only trl_dpo_ext's trainer logs `num_rejected`: the swapped import is the one that trained
+    assert f"'num_rejected': '{num_rejected}'" in result.stdout, result.stdout[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -1,0 +1,171 @@
+"""The `trl-dpo-ext` command.
+
+```bash
+trl-dpo-ext quickstart                      # offline: SFT-on-chosen + K-rejected DPO on a toy task, a few CPU minutes
+trl-dpo-ext dpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name ./my_jsonl_folder \\
+    --output_dir Qwen2.5-0.5B-DPO --rejected_reduction mean --ref_init sft_on_chosen
+trl-dpo-ext dpo --config recipe.yaml        # any flag of `trl dpo` (every DPOConfig field) as YAML
+trl-dpo-ext sft-ref ...                     # SFT-on-chosen reference initialisation alone
+trl-dpo-ext report ...                      # gradient-weight diagnostics
+```
+
+`dpo` takes the flags of TRL's `trl dpo` (`ScriptArguments`, `DPOConfig`, `ModelConfig`, `DatasetMixtureConfig`),
+with `trl_dpo_ext.DPOConfig` in place of `trl.DPOConfig`, and trains in this process. `--dataset_name` is a Hub id
+or a local folder or file of JSON lines, pairwise (`"rejected": str`) or with a list of rejected. On several
+processes or machines, run the same command through accelerate:
+
+```bash
+accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml -m trl_dpo_ext dpo --config recipe.yaml
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from . import __version__
+
+
+COMMANDS = {
+    "quickstart": "Offline demo: SFT-on-chosen reference init, then K-rejected DPO on a toy task; prints before/after.",
+    "dpo": "Train with DPO on one chosen and K rejected responses (the flags of `trl dpo`, plus trl_dpo_ext's).",
+    "sft-ref": "SFT-on-chosen reference initialisation: fine-tune a model on the chosen responses of a dataset.",
+    "report": "Gradient-weight diagnostics of a preference dataset under a model.",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The top-level parser: one sub-command per entry of `COMMANDS`; each sub-command parses its own flags."""
+    parser = argparse.ArgumentParser(
+        prog="trl-dpo-ext",
+        description="DPO with one chosen and many rejected responses, on top of TRL.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"trl-dpo-ext {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, help_text in COMMANDS.items():
+        # The sub-command's own parser handles its flags and `-h`, so none are declared here
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def make_dpo_parser(prog: str = "trl-dpo-ext dpo"):
+    """`trl dpo`'s parser with `trl_dpo_ext.DPOConfig`: every field is a flag, and `--config file.yaml` sets any."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from .config import DPOConfig
+
+    return TrlParser((ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any) -> Any:
+    """Train as TRL's `trl/scripts/dpo.py` does, with `trl_dpo_ext.DPOTrainer` and local JSON-lines datasets.
+
+    Returns the trainer, after training and saving the model to `training_args.output_dir`.
+    """
+    from accelerate.logging import get_logger
+    from trl import get_dataset, get_peft_config, get_quantization_config
+
+    from .convert import load_preference_dataset
+    from .trainer import DPOTrainer
+
+    logger = get_logger(__name__)
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning("Both `datasets` and `dataset_name` are given: `datasets` is used, `dataset_name` ignored.")
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_preference_dataset(
+            script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    else:
+        raise ValueError("Give a dataset: `--dataset_name` (a Hub id, or a local folder or file of JSON lines).")
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"The dataset {script_args.dataset_name!r} has no split {script_args.dataset_train_split!r} (splits: "
+            f"{list(dataset)}); set `--dataset_train_split`."
+        )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(
+                f"`--eval_strategy {training_args.eval_strategy}` needs the split {script_args.dataset_test_split!r}, "
+                f"which the dataset does not have (splits: {list(dataset)}); set `--dataset_test_split`."
+            )
+        eval_dataset = dataset[script_args.dataset_test_split]
+
+    trainer = DPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    if script_args.ignore_bias_buffers:
+        import torch
+
+        # As TRL's script: DDP cannot broadcast bool buffers
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def dpo_main(argv: list[str]) -> int:
+    parser = make_dpo_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+    trainer = dpo(script_args, training_args, model_args, dataset_args)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and destroy the process group
+        trainer.end()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    # Only the command is parsed here (and `-h`/`--version`); the rest goes, untouched, to the command's own parser
+    command = parser.parse_args(argv[:1]).command
+    rest = argv[1:]
+    if command == "quickstart":
+        from .quickstart import main as quickstart_main
+
+        return quickstart_main(rest)
+    if command == "dpo":
+        return dpo_main(rest)
+    if command == "sft-ref":
+        from .ref_init import main as ref_init_main
+
+        ref_init_main(rest)  # returns the reference's folder, which it prints; the exit status is 0
+        return 0
+    if command == "report":
+        from .report import main as report_main
+
+        report_main(rest)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,285 @@
+"""Make one-chosen, K-rejected rows from the preference data that exists.
+
+- `rated_to_multi_rejected`: rows with several rated responses (UltraFeedback, AlpacaEval, Best-of-n samples; e.g.
+  `{"instruction": ..., "completions": [{"output": ..., "score": ...}, ...]}`) to one chosen, the best-rated
+  response, and up to K rejected, with a choice of K, of which K, of what to do with ties and of a minimum score gap.
+  The scores are kept in a `scores` column, the chosen's first and then each rejected's.
+- `group_pairwise`: pairwise rows (TRL's `{"prompt", "chosen", "rejected"}`) that share their prompt and chosen to
+  one row whose `rejected` is the list of their rejected.
+- `load_preference_dataset`: a Hub id, or a local folder or file of JSON lines, as a `datasets.DatasetDict`.
+
+Each takes a `list[dict]` or a `datasets.Dataset` and returns the same kind. Every check names the row and the column.
+
+```python
+>>> from trl_dpo_ext.convert import rated_to_multi_rejected
+>>> rows = [{"instruction": "2+2?", "completions": [
+...     {"output": "4", "score": 0.9}, {"output": "5", "score": 0.2}, {"output": "22", "score": 0.1}]}]
+>>> rated_to_multi_rejected(rows, num_rejected=2)
+[{'prompt': '2+2?', 'chosen': '4', 'rejected': ['22', '5'], 'scores': [0.9, 0.1, 0.2]}]
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+
+Rows = list[dict[str, Any]] | Dataset
+
+TIE_POLICIES = ("first", "skip")
+REJECTED_SELECTIONS = ("lowest", "highest", "random")
+
+
+def _rows(data: Rows) -> list[dict[str, Any]]:
+    return data.to_list() if isinstance(data, Dataset) else list(data)
+
+
+def _same_kind(rows: list[dict[str, Any]], data: Rows) -> Rows:
+    return Dataset.from_list(rows) if isinstance(data, Dataset) else rows
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _as_message(role: str, content: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": content}]
+
+
+# ------------------------------------------------------------------------------------------- rated rows
+
+
+def _rated_responses(
+    row: dict[str, Any], idx: int, completions_column: str, response_key: str, score_key: str, scores_column: str
+) -> list[tuple[Any, float]]:
+    """The (response, score) pairs of one rated row, from a list of dicts or from two parallel lists."""
+    if completions_column not in row:
+        raise ValueError(f"Row {idx}, column '{completions_column}': missing (columns: {sorted(row)}).")
+    completions = row[completions_column]
+    if not isinstance(completions, list) or not completions:
+        raise ValueError(
+            f"Row {idx}, column '{completions_column}': expected a non-empty list of responses, got "
+            f"{_type_name(completions)}{' (empty)' if completions == [] else ''}."
+        )
+    if isinstance(completions[0], dict):
+        pairs = []
+        for j, item in enumerate(completions):
+            if not isinstance(item, dict) or response_key not in item or score_key not in item:
+                raise ValueError(
+                    f"Row {idx}, column '{completions_column}', item {j}: expected a dict with keys '{response_key}' "
+                    f"and '{score_key}', got {sorted(item) if isinstance(item, dict) else _type_name(item)}."
+                )
+            pairs.append((item[response_key], item[score_key]))
+    else:
+        if scores_column not in row:
+            raise ValueError(
+                f"Row {idx}, column '{scores_column}': missing; the responses of column '{completions_column}' are "
+                f"not dicts with a '{score_key}', so their scores are read from column '{scores_column}'."
+            )
+        scores = row[scores_column]
+        if not isinstance(scores, list) or len(scores) != len(completions):
+            raise ValueError(
+                f"Row {idx}, column '{scores_column}': expected a list of {len(completions)} scores (one per "
+                f"response of column '{completions_column}'), got "
+                f"{len(scores) if isinstance(scores, list) else _type_name(scores)}."
+            )
+        pairs = list(zip(completions, scores, strict=True))
+    for j, (response, score) in enumerate(pairs):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+            raise ValueError(
+                f"Row {idx}, column '{completions_column}', item {j}: expected a numeric score, got {score!r}."
+            )
+        if not isinstance(response, str) or not response:
+            raise ValueError(
+                f"Row {idx}, column '{completions_column}', item {j}: expected a non-empty str response, got "
+                f"{_type_name(response)}{' (empty)' if response == '' else ''}."
+            )
+    return [(response, float(score)) for response, score in pairs]
+
+
+def rated_to_multi_rejected(
+    data: Rows,
+    num_rejected: int | None = None,
+    *,
+    min_rejected: int = 1,
+    min_score_gap: float = 0.0,
+    ties: Literal["first", "skip"] = "first",
+    selection: Literal["lowest", "highest", "random"] = "lowest",
+    prompt_column: str = "instruction",
+    completions_column: str = "completions",
+    response_key: str = "output",
+    score_key: str = "score",
+    scores_column: str = "scores",
+    keep_columns: Sequence[str] = (),
+    conversational: bool = False,
+    seed: int = 0,
+) -> Rows:
+    """Rows of several rated responses to `{"prompt", "chosen", "rejected": [...], "scores": [...]}`.
+
+    Args:
+        data: rows with a prompt column and a list of rated responses: either dicts
+            (`[{"output": str, "score": float}, ...]`, UltraFeedback/AlpacaEval style) or plain strings with their
+            scores in a parallel list column `scores_column`.
+        num_rejected: the most rejected to keep per row (K); all eligible ones when None.
+        min_rejected: rows with fewer eligible rejected are dropped (set it to `num_rejected` for exactly K).
+        min_score_gap: a response is eligible as rejected only if its score is at most the chosen's score minus this
+            gap; responses closer to the chosen are left out, as ambiguous preferences.
+        ties: when several responses share the best score: `"first"` takes the first of them as the chosen (the
+            others are dropped, never rejected); `"skip"` drops the row.
+        selection: which K of the eligible rejected are kept: `"lowest"` scores (the clearest preferences),
+            `"highest"` (the hardest negatives) or `"random"` (seeded by `seed`). The rejected are listed in that
+            order.
+        prompt_column, completions_column, response_key, score_key, scores_column: where the fields are.
+        keep_columns: other columns copied to the output rows as they are (e.g. `["id"]`).
+        conversational: write prompt and responses as chat messages (a user turn, an assistant turn) instead of text.
+        seed: seed of the `"random"` selection.
+
+    Returns:
+        The same kind as `data`. A row is dropped when it has fewer than `min_rejected` eligible rejected, or under
+        `ties="skip"`. `scores` holds the chosen's score first, then each kept rejected's.
+    """
+    if ties not in TIE_POLICIES:
+        raise ValueError(f"`ties` must be one of {list(TIE_POLICIES)}, got {ties!r}.")
+    if selection not in REJECTED_SELECTIONS:
+        raise ValueError(f"`selection` must be one of {list(REJECTED_SELECTIONS)}, got {selection!r}.")
+    if num_rejected is not None and num_rejected < 1:
+        raise ValueError(f"`num_rejected` must be at least 1 (or None for all), got {num_rejected}.")
+    if min_rejected < 1 or (num_rejected is not None and min_rejected > num_rejected):
+        raise ValueError(
+            f"`min_rejected` must be between 1 and `num_rejected`, got min_rejected={min_rejected}, "
+            f"num_rejected={num_rejected}."
+        )
+    if min_score_gap < 0:
+        raise ValueError(f"`min_score_gap` must be >= 0, got {min_score_gap}.")
+
+    rng = random.Random(seed)
+    out = []
+    for idx, row in enumerate(_rows(data)):
+        if prompt_column not in row:
+            raise ValueError(f"Row {idx}, column '{prompt_column}': missing (columns: {sorted(row)}).")
+        prompt = row[prompt_column]
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(
+                f"Row {idx}, column '{prompt_column}': expected a non-empty str, got {_type_name(prompt)}."
+            )
+        rated = _rated_responses(row, idx, completions_column, response_key, score_key, scores_column)
+        best = max(score for _, score in rated)
+        best_indices = [j for j, (_, score) in enumerate(rated) if score == best]
+        if len(best_indices) > 1 and ties == "skip":
+            continue
+        chosen = rated[best_indices[0]][0]
+        # Strictly below the best by the gap; an exact copy of the chosen response is never its own rejected
+        eligible = [(r, s) for r, s in rated if s <= best - min_score_gap and s < best and r != chosen]
+        if selection == "lowest":
+            eligible.sort(key=lambda rs: rs[1])
+        elif selection == "highest":
+            eligible.sort(key=lambda rs: -rs[1])
+        else:
+            rng.shuffle(eligible)
+        eligible = eligible[:num_rejected]
+        if len(eligible) < min_rejected:
+            continue
+        new = {column: row[column] for column in keep_columns}
+        if conversational:
+            new.update(
+                prompt=_as_message("user", prompt),
+                chosen=_as_message("assistant", chosen),
+                rejected=[_as_message("assistant", r) for r, _ in eligible],
+            )
+        else:
+            new.update(prompt=prompt, chosen=chosen, rejected=[r for r, _ in eligible])
+        new["scores"] = [best] + [s for _, s in eligible]
+        out.append(new)
+    return _same_kind(out, data)
+
+
+# --------------------------------------------------------------------------------------------- pairwise
+
+
+def _key(value: Any) -> str:
+    """A hashable form of a text or of a list of messages."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _check_response(value: Any, idx: int, column: str) -> None:
+    if not (isinstance(value, str) or _is_messages(value)):
+        raise ValueError(
+            f"Row {idx}, column '{column}': expected a str or a list of messages, got {_type_name(value)}."
+        )
+
+
+def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
+    """Pairwise rows that share their prompt and chosen, grouped into one row with the list of their rejected.
+
+    Rows are `{"prompt", "chosen", "rejected"}` (text or conversational); without a `prompt` column, the prompt is
+    first taken from the shared start of `chosen` and `rejected`, as `trl.extract_prompt` does. A row whose
+    `rejected` is already a list adds all of it. Groups keep the order of their first row; within a group the
+    rejected keep their order and duplicates are dropped. `max_rejected` keeps the first ones.
+    Other columns are not carried over (they may differ between the rows of a group).
+    """
+    from trl.data_utils import extract_prompt
+
+    if max_rejected is not None and max_rejected < 1:
+        raise ValueError(f"`max_rejected` must be at least 1 (or None for all), got {max_rejected}.")
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for idx, row in enumerate(_rows(data)):
+        for column in ("chosen", "rejected"):
+            if column not in row:
+                raise ValueError(f"Row {idx}, column '{column}': missing (columns: {sorted(row)}).")
+        rejected = row["rejected"]
+        rejected_list = rejected if isinstance(rejected, list) and not _is_messages(rejected) else [rejected]
+        if not rejected_list:
+            raise ValueError(f"Row {idx}, column 'rejected': expected a response or a non-empty list, got empty list.")
+        _check_response(row["chosen"], idx, "chosen")
+        for item in rejected_list:
+            _check_response(item, idx, "rejected")
+        if "prompt" in row and row["prompt"] is not None:
+            _check_response(row["prompt"], idx, "prompt")
+            prompt, chosen = row["prompt"], row["chosen"]
+        else:  # implicit prompt: the longest shared start of chosen and each rejected
+            split = [extract_prompt({"chosen": row["chosen"], "rejected": r}) for r in rejected_list]
+            prompt = min((s["prompt"] for s in split), key=len)
+            chosen = row["chosen"][len(prompt) :]
+            rejected_list = [r[len(prompt) :] for r in rejected_list]
+        group = groups.setdefault(
+            (_key(prompt), _key(chosen)), {"prompt": prompt, "chosen": chosen, "rejected": [], "_seen": set()}
+        )
+        for item in rejected_list:
+            if _key(item) not in group["_seen"]:
+                group["_seen"].add(_key(item))
+                group["rejected"].append(item)
+    out = [
+        {"prompt": g["prompt"], "chosen": g["chosen"], "rejected": g["rejected"][:max_rejected]}
+        for g in groups.values()
+    ]
+    return _same_kind(out, data)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_preference_dataset(name_or_path: str, config_name: str | None = None, streaming: bool = False) -> DatasetDict:
+    """A Hub dataset id, or a local folder or file of JSON lines (`.jsonl`, `.json`, optionally `.gz`).
+
+    A local file becomes the `train` split; a folder saved by `save_to_disk` is loaded as it was saved; any other
+    folder is read as `datasets.load_dataset` reads it, its file names (`train.jsonl`, `test.jsonl`, ...) naming the
+    splits.
+    """
+    if os.path.isfile(name_or_path):
+        return load_dataset("json", data_files={"train": name_or_path}, streaming=streaming)
+    if os.path.isfile(os.path.join(name_or_path, "dataset_dict.json")):
+        return load_from_disk(name_or_path)
+    if os.path.isfile(os.path.join(name_or_path, "state.json")):  # one `Dataset` saved by `save_to_disk`
+        return DatasetDict(train=load_from_disk(name_or_path))
+    return load_dataset(name_or_path, name=config_name, streaming=streaming)

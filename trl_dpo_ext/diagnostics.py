@@ -1,0 +1,302 @@
+"""Gradient weights of the DPO update: which (chosen, rejected) pairs drive each step.
+
+Seed §3.3 (Rafailov et al. 2023, §4): the DPO gradient is
+
+    ∇L = −β E[ σ(r̂(x, y_l) − r̂(x, y_w)) · (∇log π_θ(y_w|x) − ∇log π_θ(y_l|x)) ],   r̂(x, y) = β·log π_θ(y|x)/π_ref(y|x)
+
+so every pair's update is scaled by σ(r̂_l − r̂_w): near 1 where the implicit reward model ranks the pair wrongly, near 0
+where the pair is already learned. Two weights are computed for every pair (i, k) of a batch, from the log-ratios the
+loss already holds (no extra forward pass, everything detached):
+
+- ``w_ik = σ(r̂_lk − r̂_w) = σ(β·(Δ_lk − Δ_w))``: the seed's factor, whatever the loss.
+- the *effective* weight ``e_ik = (B/β)·∂L/∂Δ_lk``, with ``L`` the batch loss the trainer minimises (every `loss_type`
+  times its `loss_weights` entry, mean over the B examples, the K pairs of an example combined by
+  `rejected_reduction`), taken by autograd on detached copies of the log-ratios. The update moves log π_θ(y_lk|x)
+  along ``−(β/B)·e_ik``, so ``e_ik`` is the weight that really multiplies that pair's gradient, on the scale of ``w``:
+  ``w/K_i`` for `sigmoid` with `"mean"`, ``w`` with `"sum"`, ``w`` on the hardest rejected and 0 elsewhere with
+  `"min"`, the softmax probability ``e^{βΔ_lk} / (e^{βΔ_w} + Σ_j e^{βΔ_lj})`` with `"softmax"`; for IPO, hinge, ...
+  whatever their derivative is (it may be negative, e.g. for `sppo_hard`).
+
+Symbols and shapes as in `trl_dpo_ext.losses`: B examples, K the largest number of rejected in the batch; weights are
+[B, K] tensors holding NaN where example i has no k-th rejected.
+
+Logged keys (each averaged over the steps of a logging window by TRL's `log()`), for ``P`` = ``grad_weight`` (w) and
+``grad_weight_eff`` (e): ``P/mean``, ``P/max``, ``P/p10``, ``P/p50``, ``P/p90`` (quantiles over the pairs of all
+processes), ``P/frac_above_0.5``, ``P/frac_below_0.05``, and ``P/rank_k``, the mean over the examples that have a k-th
+rejected, when K > 1. Every key is defined in ``docs/diagnostics.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import TrainerCallback
+
+from .losses import CHOSEN_ONLY_LOSS_TYPES, PreferenceLogps, multi_rejected_loss
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+GRAD_WEIGHT_PREFIX = "grad_weight"
+EFFECTIVE_PREFIX = "grad_weight_eff"
+RECORD_FILENAME = "grad_weights.jsonl"
+QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
+# A pair above this weight is ranked wrongly by the implicit reward (w > 0.5 ⇔ r̂_l > r̂_w)
+WRONG_THRESHOLD = 0.5
+# A pair below this weight is learned: it hardly moves the policy any more
+LEARNED_THRESHOLD = 0.05
+HISTOGRAM_REPORTERS = ("tensorboard", "wandb", "trackio")
+
+
+# ----------------------------------------------------------------------------------------------------- weights
+
+
+def grad_weights(logps: PreferenceLogps, beta: float) -> torch.Tensor:
+    """The seed's weight w = σ(r̂_lk − r̂_w) = σ(β·(Δ_lk − Δ_w)) of every pair, detached, float32 [B, K]; NaN where
+    there is no k-th rejected."""
+    margin = beta * (logps.rejected_logratios.detach().float() - logps.chosen_logratios.detach().float())
+    return torch.sigmoid(margin).masked_fill(~logps.rejected_mask, float("nan"))
+
+
+def effective_grad_weights(
+    logps: PreferenceLogps,
+    beta: float,
+    loss_types: Sequence[str],
+    loss_weights: Sequence[float] | None = None,
+    rejected_reduction: str = "mean",
+    **loss_kwargs: Any,
+) -> torch.Tensor:
+    """The effective weight e = (B/β)·∂L/∂Δ_lk of every pair under the configured loss, float32 [B, K]; NaN where
+    there is no k-th rejected.
+
+    `L = Σ_t loss_weights[t] · mean_i multi_rejected_loss(loss_types[t], rejected_reduction)_i`, the trainer's loss
+    (the `"sft"` term does not depend on the rejected and adds nothing). `loss_kwargs` are the other keyword arguments
+    of `multi_rejected_loss` (`f_divergence_type`, `label_smoothing`, `discopop_tau`, `pair_weights`, `scores`, ...),
+    as the trainer passes them. The gradient is taken by autograd on detached float32 copies, so it works under
+    `torch.no_grad()` and leaves the training graph untouched.
+    """
+    loss_weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    batch_size = logps.rejected_mask.size(0)
+
+    def fresh(value: Any) -> Any:
+        # A clone outside inference mode, so that autograd may save it even when the caller runs in inference mode
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.detach()
+        return (value.float() if value.is_floating_point() else value).clone()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        rejected = fresh(logps.rejected).requires_grad_(True)
+        # Δ_lk = rejected − ref_rejected with a constant reference: ∂L/∂(log π_θ(y_lk)) = ∂L/∂Δ_lk
+        leaf = PreferenceLogps(*(fresh(value) for value in logps))._replace(rejected=rejected)
+        kwargs = {key: fresh(value) for key, value in loss_kwargs.items()}
+        loss = rejected.new_zeros(())
+        for loss_type, loss_weight in zip(loss_types, loss_weights, strict=True):
+            if loss_type in CHOSEN_ONLY_LOSS_TYPES:
+                continue
+            per_example = multi_rejected_loss(loss_type, rejected_reduction, leaf, beta=beta, **kwargs)
+            loss = loss + per_example.mean() * loss_weight
+        if loss.requires_grad:
+            (grad,) = torch.autograd.grad(loss, rejected)
+        else:  # only chosen-only losses: no pair carries a gradient
+            grad = torch.zeros_like(rejected)
+    return (grad.detach() * (batch_size / beta)).masked_fill(~logps.rejected_mask, float("nan"))
+
+
+# -------------------------------------------------------------------------------------------------- statistics
+
+
+def weight_statistics(weights: torch.Tensor, prefix: str = GRAD_WEIGHT_PREFIX) -> dict[str, float]:
+    """Summary of one [N, K] tensor of pair weights (NaN = no pair): mean, max, quantiles, the shares of wrongly ranked
+    (> 0.5) and learned (< 0.05) pairs, and the mean at each rejected position k when K > 1. Keys are `prefix/...`.
+
+    Returns an empty dict when there is no pair.
+    """
+    weights = weights.detach().double()
+    present = ~torch.isnan(weights)
+    values = weights[present]
+    if values.numel() == 0:
+        return {}
+    stats = {
+        f"{prefix}/mean": values.mean().item(),
+        f"{prefix}/max": values.max().item(),
+    }
+    quantiles = torch.quantile(values, torch.tensor(list(QUANTILES.values()), dtype=values.dtype))
+    stats.update({f"{prefix}/{name}": q.item() for name, q in zip(QUANTILES, quantiles, strict=True)})
+    stats[f"{prefix}/frac_above_{WRONG_THRESHOLD}"] = (values > WRONG_THRESHOLD).double().mean().item()
+    stats[f"{prefix}/frac_below_{LEARNED_THRESHOLD}"] = (values < LEARNED_THRESHOLD).double().mean().item()
+    if weights.size(1) > 1:
+        counts = present.sum(dim=0)
+        sums = weights.nan_to_num(0.0).sum(dim=0)
+        for k in range(weights.size(1)):
+            if counts[k] > 0:
+                stats[f"{prefix}/rank_{k}"] = (sums[k] / counts[k]).item()
+    return stats
+
+
+def gather_pair_values(
+    accelerator: Accelerator, values: torch.Tensor, index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gather the [B, K, C] per-pair values (NaN = no pair) and the [B] dataset indices of every process.
+
+    Processes may hold different K (and B): the values are padded to the largest with NaN and the indices with −1
+    before the gather, and the rows that are padding are dropped, so the result [N, K_max, C] holds the union of all
+    processes' pairs, in process order.
+    """
+    values = accelerator.pad_across_processes(values.detach().float(), dim=1, pad_index=float("nan"))
+    # Without an index, zeros mark the real rows (padding gets −1); int64 keeps any index exact, on any device
+    rows = torch.zeros(values.size(0), dtype=torch.long, device=values.device) if index is None else index.detach()
+    values = accelerator.pad_across_processes(values, dim=0, pad_index=float("nan"))
+    rows = accelerator.pad_across_processes(rows.to(device=values.device, dtype=torch.long), dim=0, pad_index=-1)
+    values, rows = accelerator.gather((values, rows))
+    real = rows >= 0
+    return values[real], (rows[real] if index is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------------ record
+
+
+def record_path(output_dir: str | os.PathLike) -> Path:
+    """Where the per-example record of a run lives: `output_dir/grad_weights.jsonl`."""
+    return Path(output_dir) / RECORD_FILENAME
+
+
+def _rounded(row: torch.Tensor) -> list[float]:
+    # Six decimals keep a line short; NaN marks the padding of shorter rows and is dropped
+    return [round(v, 6) for v in row.tolist() if not math.isnan(v)]
+
+
+def format_record(index: torch.Tensor, step: int, epoch: int, weights: torch.Tensor, effective: torch.Tensor) -> str:
+    """JSON lines, one per row: `{"index", "step", "epoch", "grad_weight": [w_k], "grad_weight_eff": [e_k]}`."""
+    lines = []
+    for i, w, e in zip(index.tolist(), weights.cpu(), effective.cpu(), strict=True):
+        line = {"index": i, "step": step, "epoch": epoch, "grad_weight": _rounded(w), "grad_weight_eff": _rounded(e)}
+        lines.append(json.dumps(line, separators=(",", ":")) + "\n")
+    return "".join(lines)
+
+
+def append_record(path: str | os.PathLike, text: str) -> None:
+    """Append JSON lines to the record; opened and closed on each call, so a crash loses at most the current step."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(text)
+
+
+def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a record. A last line cut short by a crash is skipped; any other bad line raises."""
+    rows = []
+    with open(path, encoding="utf-8") as file:
+        lines = file.readlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}.") from None
+    return rows
+
+
+def truncate_record(path: str | os.PathLike, max_step: int) -> int:
+    """Drop the rows of steps after `max_step` (those a resumed run trains again); returns how many were dropped.
+
+    Rows are written before their optimizer step is taken and saved, so after resuming from the checkpoint of
+    `global_step = max_step`, the rows of later steps would otherwise appear twice. Rewritten atomically.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows = read_record(path)
+    kept = [row for row in rows if row["step"] <= max_step]
+    with open(path, encoding="utf-8") as file:
+        num_lines = sum(1 for _ in file)
+    if len(kept) == num_lines:
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in kept)
+    os.replace(tmp, path)
+    return num_lines - len(kept)
+
+
+class GradWeightRecordCallback(TrainerCallback):
+    """Starts the record of a run: at `train()` start, drops the rows of steps the run is about to train (again).
+
+    A fresh run (`global_step = 0`) starts an empty record; a run resumed from a checkpoint keeps the rows up to the
+    checkpoint's step. Only the main process touches the file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_record(self.path, state.global_step)
+            self.path.touch()
+
+
+# --------------------------------------------------------------------------------------------------- histogram
+
+
+class GradWeightHistogramCallback(TrainerCallback):
+    """Histograms of the weights of the pairs seen since the last log, sent at each log to TensorBoard, W&B and
+    trackio when they are in `report_to` (a reporter whose package is not installed is skipped).
+
+    `add` is called by the trainer at every training step with the gathered [N, K] weights.
+    """
+
+    def __init__(self, report_to: Sequence[str], callback_handler=None):
+        self.reporters = [name for name in HISTOGRAM_REPORTERS if name in report_to]
+        self.callback_handler = callback_handler
+        self.buffers: dict[str, list[torch.Tensor]] = {GRAD_WEIGHT_PREFIX: [], EFFECTIVE_PREFIX: []}
+
+    def add(self, weights: torch.Tensor, effective: torch.Tensor) -> None:
+        for name, values in ((GRAD_WEIGHT_PREFIX, weights), (EFFECTIVE_PREFIX, effective)):
+            values = values.detach().float().flatten().cpu()
+            self.buffers[name].append(values[~torch.isnan(values)])
+
+    def _drain(self) -> dict[str, torch.Tensor]:
+        values = {name: torch.cat(parts) for name, parts in self.buffers.items() if parts}
+        for parts in self.buffers.values():
+            parts.clear()
+        return {name: v for name, v in values.items() if v.numel() > 0}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = self._drain()
+        if not values or not state.is_world_process_zero:
+            return
+        step = state.global_step
+        if "tensorboard" in self.reporters:
+            from transformers.integrations import TensorBoardCallback
+
+            callbacks = self.callback_handler.callbacks if self.callback_handler is not None else []
+            for callback in callbacks:
+                writer = getattr(callback, "tb_writer", None) if isinstance(callback, TensorBoardCallback) else None
+                if writer is not None:
+                    for name, v in values.items():
+                        writer.add_histogram(f"train/{name}", v.numpy(), step)
+                    writer.flush()
+        if "wandb" in self.reporters:
+            from transformers.integrations import is_wandb_available
+
+            if is_wandb_available():
+                import wandb
+
+                if wandb.run is not None:
+                    histograms = {f"train/{name}": wandb.Histogram(v.numpy()) for name, v in values.items()}
+                    wandb.log({**histograms, "train/global_step": step})
+        if "trackio" in self.reporters:
+            from transformers.integrations import is_trackio_available
+
+            if is_trackio_available():
+                import trackio
+
+                trackio.log({f"train/{name}": trackio.Histogram(v.numpy()) for name, v in values.items()}, step=step)
