@@ -2,9 +2,10 @@
 
 from .config import DPOConfig
 from .data import DataCollatorForMultiRejectedPreference
+from .ref_init import train_sft_reference
 from .trainer import DPOTrainer
 
 
 __version__ = "0.1.0"
 
-__all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForMultiRejectedPreference", "__version__"]
+__all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForMultiRejectedPreference", "train_sft_reference", "__version__"]

@@ -362,6 +362,18 @@ class DPOTrainer(trl.DPOTrainer):
 
     # ------------------------------------------------------------------ loss
 
+    def _loss_kwargs(self, inputs, pair_weights: torch.Tensor | None) -> dict:
+        """The hyper-parameters and per-batch inputs of `multi_rejected_loss`, besides the loss type and β."""
+        return dict(
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            label_smoothing=self.label_smoothing,
+            discopop_tau=self.args.discopop_tau,
+            pair_weights=pair_weights,
+            scores=inputs.get("scores"),
+            score_temperature=getattr(self.args, "score_temperature", 1.0),
+        )
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         rejected_mask = inputs["rejected_mask"]
@@ -402,17 +414,7 @@ class DPOTrainer(trl.DPOTrainer):
                 loss = loss + (-per_token_logps[:batch_size][chosen_mask].mean()) * loss_weight
                 continue
             per_example = multi_rejected_loss(
-                loss_type,
-                self.rejected_reduction,
-                logps,
-                beta=self.beta,
-                f_divergence_type=self.f_divergence_type,
-                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-                label_smoothing=self.label_smoothing,
-                discopop_tau=self.args.discopop_tau,
-                pair_weights=pair_weights,
-                scores=inputs.get("scores"),
-                score_temperature=getattr(self.args, "score_temperature", 1.0),
+                loss_type, self.rejected_reduction, logps, beta=self.beta, **self._loss_kwargs(inputs, pair_weights)
             )
             loss = loss + per_example.mean() * loss_weight
 
@@ -459,13 +461,7 @@ class DPOTrainer(trl.DPOTrainer):
             self.loss_types,
             self.loss_weights,
             self.rejected_reduction,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            label_smoothing=self.label_smoothing,
-            discopop_tau=self.args.discopop_tau,
-            pair_weights=pair_weights,
-            scores=inputs.get("scores"),
-            score_temperature=getattr(self.args, "score_temperature", 1.0),
+            **self._loss_kwargs(inputs, pair_weights),
         )
         record = mode == "train" and self._grad_weight_record is not None
         if record and INDEX_COLUMN not in inputs:
