@@ -13,6 +13,7 @@ each; after SFT on the best response and DPO with each loss (K = 7, judge scores
 ranks the held-out responses against the judge (Kendall τ per prompt, averaged; top-1 accuracy).
 
     python benchmarks/experiment_losses.py --part sort --seeds 0 1 2 --output docs/experiments_sort.json
+    python benchmarks/experiment_losses.py --part sort --p_correct 0.03 --output docs/experiments_sort_hard.json
     python benchmarks/experiment_losses.py --part alpacaeval --output docs/experiments_alpacaeval.json
 """
 
@@ -62,7 +63,14 @@ def truncate_rows(rows: list[dict], k: int) -> list[dict]:
     out = []
     for r in rows:
         n = min(k, len(r["rejected"]))
-        out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"][:n], "scores": r["scores"][: 1 + n]})
+        out.append(
+            {
+                "prompt": r["prompt"],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"][:n],
+                "scores": r["scores"][: 1 + n],
+            }
+        )
     return out
 
 
@@ -96,7 +104,9 @@ def train_arm(
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     else:
         args = DPOConfig(**config, rejected_reduction=reduction, score_temperature=SCORE_TEMPERATURE)
-        keep = ("prompt", "chosen", "rejected", "scores") if reduction == "infonca" else ("prompt", "chosen", "rejected")
+        keep = (
+            ("prompt", "chosen", "rejected", "scores") if reduction == "infonca" else ("prompt", "chosen", "rejected")
+        )
         data = Dataset.from_list([{c: r[c] for c in keep} for r in rows])
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
@@ -104,7 +114,7 @@ def train_arm(
 
 
 def part_sort(args) -> dict:
-    task = SortDigitsTask()
+    task = SortDigitsTask(p_correct=args.p_correct)
     qc = QuickstartConfig(num_train_prompts=args.train_prompts)
     results = []
     for seed in args.seeds:
@@ -124,7 +134,9 @@ def part_sort(args) -> dict:
                 ref_init_batch_size=qc.batch_size,
                 max_length=None,
             )
-            model = tiny_causal_lm(len(tokenizer), seed=seed, hidden_size=qc.hidden_size, num_hidden_layers=qc.num_layers)
+            model = tiny_causal_lm(
+                len(tokenizer), seed=seed, hidden_size=qc.hidden_size, num_hidden_layers=qc.num_layers
+            )
             data = Dataset.from_list([{c: r[c] for c in ("prompt", "chosen", "rejected")} for r in train_rows])
             sft_dir = train_sft_reference(model, data, tokenizer, sft_args)
             reference = AutoModelForCausalLM.from_pretrained(sft_dir)
@@ -139,13 +151,21 @@ def part_sort(args) -> dict:
                 policy, mean_k, batch = train_arm(
                     arm, k, train_rows, sft_dir, tokenizer, qc, args.steps, args.sequences_per_step, out
                 )
-                accuracy = implicit_reward_accuracy(completion_logps(policy, tokenizer, eval_pairs), ref_logps, eval_rows)
+                accuracy = implicit_reward_accuracy(
+                    completion_logps(policy, tokenizer, eval_pairs), ref_logps, eval_rows
+                )
                 reward, _ = greedy_reward(policy, tokenizer, task, eval_prompts)
                 row = dict(seed=seed, arm=arm, k=k, mean_k=mean_k, prompts_per_step=batch, greedy_reward=reward)
                 row.update(accuracy=accuracy, seconds=time.perf_counter() - start)
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    return {"part": "sort", "steps": args.steps, "sequences_per_step": args.sequences_per_step, "runs": results}
+    return {
+        "part": "sort",
+        "p_correct": args.p_correct,
+        "steps": args.steps,
+        "sequences_per_step": args.sequences_per_step,
+        "runs": results,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- AlpacaEval
@@ -222,7 +242,10 @@ def part_alpacaeval(args) -> dict:
         def ranking_quality(values: torch.Tensor) -> tuple[float, float]:
             per_prompt = values.view(len(held_out), -1).tolist()
             taus = [kendall_tau(v, s) for v, s in zip(per_prompt, judge, strict=True)]
-            top1 = [max(range(len(v)), key=v.__getitem__) == max(range(len(s)), key=s.__getitem__) for v, s in zip(per_prompt, judge, strict=True)]
+            top1 = [
+                max(range(len(v)), key=v.__getitem__) == max(range(len(s)), key=s.__getitem__)
+                for v, s in zip(per_prompt, judge, strict=True)
+            ]
             return statistics.mean(taus), statistics.mean(top1)
 
         tau, top1 = ranking_quality(ref_logps)
@@ -247,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 3, 7])
     parser.add_argument("--train_prompts", type=int, default=3000)
+    parser.add_argument(
+        "--p_correct", type=float, default=0.1, help="Sort task: how often the annotator writes the right answer."
+    )
     parser.add_argument("--steps", type=int, default=60, help="DPO optimizer steps of every arm.")
     parser.add_argument("--sequences_per_step", type=int, default=96, help="Policy sequences per step (the budget).")
     parser.add_argument("--held_out", type=int, default=205, help="AlpacaEval: held-out prompts.")
