@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from transformers.data.data_collator import DataCollatorMixin
-from trl.data_utils import _tokenize, common_prefix_length, extract_prompt, is_conversational
+from trl.data_utils import _tokenize, common_prefix_length, extract_prompt
 from trl.trainer.utils import pad
 
 from .prefix_sharing import pack_preference_batch
@@ -31,6 +31,12 @@ INDEX_COLUMN = "dataset_index"
 
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def is_conversational_row(example: dict[str, Any]) -> bool:
+    """Whether a text row holds messages. `trl.is_conversational` looks at an arbitrary one of the columns, which for a
+    list of rejected is a list of lists (or empty); the chosen, or the prompt, is always one response."""
+    return _is_messages(example.get("chosen")) or _is_messages(example.get("prompt"))
 
 
 def _type_name(value: Any) -> str:
@@ -104,7 +110,7 @@ def tokenize_row(example: dict[str, Any], idx: int, processing_class, eos_token:
     for column in ("prompt", *TEXT_COLUMNS):
         if example.get(column) is None:
             raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
-    conversational = is_conversational(example)
+    conversational = is_conversational_row(example)
     chosen = example["chosen"]
     if conversational and not _is_messages(chosen):
         raise _error(idx, "chosen", "a list of messages", chosen)

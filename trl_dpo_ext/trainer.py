@@ -24,7 +24,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, ProcessorMixin
-from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
@@ -35,6 +34,7 @@ from .data import (
     check_ref_logps,
     check_tokenized_row,
     extract_prompt_multi,
+    is_conversational_row,
     missing_columns,
     tokenize_row,
 )
@@ -200,7 +200,7 @@ class DPOTrainer(trl.DPOTrainer):
                         extract_prompt_multi, with_indices=True, **map_kwargs, **desc("Extracting prompt from")
                     )
                     first = next(iter(dataset))
-                eos_token = None if is_conversational(first) else self._tokenizer.eos_token
+                eos_token = None if is_conversational_row(first) else self._tokenizer.eos_token
                 dataset = dataset.map(
                     tokenize_row,
                     with_indices=True,
