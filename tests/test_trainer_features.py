@@ -366,3 +366,16 @@ def test_meaningless_combinations_fail_at_construction(tmp_path, config, match):
 def test_aot_with_several_rejected_fails_at_construction(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"row 0 of the train dataset has 3 in column 'rejected'"):
         trainer_for(tokenizer, tmp_path, loss_type="aot")
+
+
+def test_conversational_rows_are_recognised_by_the_chosen_whatever_the_rejected():
+    """`trl.is_conversational` inspects an arbitrary column (set order follows the hash seed): a list of rejected
+    messages, or an empty list, must not decide it."""
+    from trl_dpo_ext.data import is_conversational_row
+
+    message = [{"role": "assistant", "content": "4"}]
+    assert is_conversational_row(
+        {"prompt": [{"role": "user", "content": "2+2"}], "chosen": message, "rejected": [message]}
+    )
+    assert is_conversational_row({"chosen": message, "rejected": []})
+    assert not is_conversational_row({"prompt": "2+2=", "chosen": "4", "rejected": [["5"]]})
