@@ -74,6 +74,20 @@ def truncate_rows(rows: list[dict], k: int) -> list[dict]:
     return out
 
 
+def sft_reference(model, rows: list[dict], tokenizer, qc: QuickstartConfig, output_dir: str) -> str:
+    """The SFT-on-chosen reference every arm of a seed starts from (saved in `<output_dir>/sft_ref`)."""
+    args = DPOConfig(
+        **_train_args(qc, output_dir),
+        ref_init="sft_on_chosen",
+        ref_init_learning_rate=qc.sft_learning_rate,
+        ref_init_num_train_epochs=qc.sft_epochs,
+        ref_init_batch_size=qc.batch_size,
+        max_length=None,
+    )
+    data = Dataset.from_list([{c: r[c] for c in ("prompt", "chosen", "rejected")} for r in rows])
+    return train_sft_reference(model, data, tokenizer, args)
+
+
 def train_arm(
     arm: str, k: int, rows: list[dict], sft_dir: str, tokenizer, qc: QuickstartConfig, steps: int, seqs: int, out: str
 ):
@@ -126,19 +140,10 @@ def part_sort(args) -> dict:
         eval_rows = task.preference_rows(eval_prompts, seed=seed + 1, num_candidates=8)
         tokenizer = char_tokenizer(chat_template=None)
         with tempfile.TemporaryDirectory() as tmp:
-            sft_args = DPOConfig(
-                **_train_args(qc, tmp),
-                ref_init="sft_on_chosen",
-                ref_init_learning_rate=qc.sft_learning_rate,
-                ref_init_num_train_epochs=qc.sft_epochs,
-                ref_init_batch_size=qc.batch_size,
-                max_length=None,
-            )
             model = tiny_causal_lm(
                 len(tokenizer), seed=seed, hidden_size=qc.hidden_size, num_hidden_layers=qc.num_layers
             )
-            data = Dataset.from_list([{c: r[c] for c in ("prompt", "chosen", "rejected")} for r in train_rows])
-            sft_dir = train_sft_reference(model, data, tokenizer, sft_args)
+            sft_dir = sft_reference(model, train_rows, tokenizer, qc, tmp)
             reference = AutoModelForCausalLM.from_pretrained(sft_dir)
             eval_pairs = _pairs(eval_rows)
             ref_logps = completion_logps(reference, tokenizer, eval_pairs)
@@ -223,17 +228,8 @@ def part_alpacaeval(args) -> dict:
     qc = QuickstartConfig(batch_size=16, seed=0, sft_learning_rate=1e-3, sft_epochs=2.0, dpo_learning_rate=2e-4)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        sft_args = DPOConfig(
-            **_train_args(qc, tmp),
-            ref_init="sft_on_chosen",
-            ref_init_learning_rate=qc.sft_learning_rate,
-            ref_init_num_train_epochs=qc.sft_epochs,
-            ref_init_batch_size=qc.batch_size,
-            max_length=None,
-        )
         model = tiny_causal_lm(len(tokenizer), seed=0, hidden_size=args.hidden_size, num_hidden_layers=args.layers)
-        data = Dataset.from_list([{c: r[c] for c in ("prompt", "chosen", "rejected")} for r in rows])
-        sft_dir = train_sft_reference(model, data, tokenizer, sft_args)
+        sft_dir = sft_reference(model, rows, tokenizer, qc, tmp)
         reference = AutoModelForCausalLM.from_pretrained(sft_dir)
         pairs = [(r["instruction"] + "\n", c["output"]) for r in held_out for c in r["completions"]]
         judge = [[c["score"] for c in r["completions"]] for r in held_out]
