@@ -4,7 +4,7 @@ Trains the same small model on the same rows with `grad_weight_record=False` and
 `--repeats` times, each a fresh model for `--warmup` + `--steps` optimizer steps, and reports:
 
 - the time spent inside the record's own work (formatting the JSON lines and appending them to the file), and
-  inside the whole diagnostics call (`DPOTrainer._log_grad_weights`: the weights, the effective weights by autograd,
+  inside the whole diagnostics call (`GradWeightDiagnostics.step`: the weights, the effective weights by autograd,
   the gather, the statistics, and the record when on), measured in-process around those functions, as a share of
   the step time. These are precise even on a busy machine;
 - the median step time of each arm, and their ratio: the end-to-end check, which on a shared CPU carries a noise of a
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
-import string
 import tempfile
 import time
 from collections import defaultdict
@@ -35,12 +33,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from bench_k_rejected import StepTimer, make_rows  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 
-import trl_dpo_ext.trainer as trainer_module  # noqa: E402
+import trl_dpo_ext.diagnostics as diagnostics_module  # noqa: E402
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm  # noqa: E402
 
 
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=768)
@@ -57,31 +56,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="Times each arm runs; medians are reported.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 steadies a shared CPU.")
     return parser
-
-
-def make_rows(args: argparse.Namespace, num_prompts: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    alphabet = string.ascii_letters + string.digits + " .,"
-
-    def text(n: int) -> str:
-        return "".join(rng.choice(alphabet) for _ in range(n))
-
-    return [
-        {
-            "prompt": text(args.prompt_len),
-            "chosen": text(args.response_len - 1),  # + EOS
-            "rejected": [text(args.response_len - 1) for _ in range(args.num_rejected)],
-        }
-        for _ in range(num_prompts)
-    ]
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
 
 
 class Timed:
@@ -110,18 +84,15 @@ def run_arm(args: argparse.Namespace, rows: list[dict], record: bool) -> dict[st
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
-            output_dir=output_dir,
-            per_device_train_batch_size=args.prompts_per_step,
-            max_steps=args.warmup + args.steps,
-            learning_rate=1e-5,
-            report_to="none",
-            logging_steps=1,
-            bf16=False,
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
-            grad_weight_record=record,
+            **cpu_training_args(
+                output_dir,
+                per_device_train_batch_size=args.prompts_per_step,
+                max_steps=args.warmup + args.steps,
+                learning_rate=1e-5,
+                logging_steps=1,
+                use_cpu=True,
+                grad_weight_record=record,
+            )
         )
         trainer = DPOTrainer(
             model=policy,
@@ -143,9 +114,9 @@ def run_arm(args: argparse.Namespace, rows: list[dict], record: bool) -> dict[st
 
         trainer.add_callback(ResetAfterWarmup())
         wrappers = [
-            Timed(trainer_module, "format_record", totals, "record"),
-            Timed(trainer_module, "append_record", totals, "record"),
-            Timed(trainer, "_log_grad_weights", totals, "diagnostics"),
+            Timed(diagnostics_module, "format_record", totals, "record"),
+            Timed(diagnostics_module, "append_record", totals, "record"),
+            Timed(diagnostics_module.GradWeightDiagnostics, "step", totals, "diagnostics"),
         ]
         try:
             trainer.train()
@@ -153,7 +124,7 @@ def run_arm(args: argparse.Namespace, rows: list[dict], record: bool) -> dict[st
             for wrapper in wrappers:
                 wrapper.restore()
         lines = sum(1 for _ in open(os.path.join(output_dir, "grad_weights.jsonl"))) if record else 0
-    steps = [b - a for a, b in zip(timer.ends[args.warmup - 1 : -1], timer.ends[args.warmup :])]
+    steps, _ = timer.step_times(args.warmup)
     total = sum(steps)
     return {
         "step_s": statistics.median(steps),

@@ -22,7 +22,7 @@ GPU, a Qwen2.5-0.5B-shaped model (random weights, bf16 weights and autocast, tie
 
     python benchmarks/bench_k_rejected.py --preset qwen2.5-0.5b --peak-tflops 989
 
-Data are random printable characters through the offline character tokenizer of `trl_dpo_ext.toy` (one token per
+Data are random printable characters through the offline character tokenizer of `trl_dpo_ext.quickstart.toy` (one token per
 character; standard text rows end with EOS, so a response of `--response-len` tokens holds `--response-len - 1`
 characters). Nothing is downloaded.
 """
@@ -55,7 +55,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, Qwen2Config, Qwen2ForCausalLM, TrainerCallback  # noqa: E402
 
 import trl_dpo_ext  # noqa: E402
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 # Model shapes: the CPU default, and Qwen2.5-0.5B's (Qwen2Config of Qwen/Qwen2.5-0.5B, random weights)

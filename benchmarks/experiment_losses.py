@@ -1,6 +1,6 @@
 """Does a list of rejected pay, and which loss should a user pick? (docs/experiments.md)
 
-Part A, the sort-the-digits task of the quickstart (`trl_dpo_ext.tasks`), with its ground-truth reward. Per seed: the
+Part A, the sort-the-digits task of the quickstart (`trl_dpo_ext.quickstart.task`), with its ground-truth reward. Per seed: the
 reference is made once by SFT on the chosen answers (`ref_init="sft_on_chosen"`'s function); every arm then trains
 DPO from it at an EQUAL BUDGET of forwarded sequences (`--sequences_per_step` × `--steps`, policy side; the reference
 log-probs are precomputed for every arm alike). Arms: one rejected (pairwise), stock `trl.DPOTrainer` on the K-list
@@ -39,17 +39,18 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
-from trl_dpo_ext.quickstart import (  # noqa: E402
+from trl_dpo_ext.quickstart import (  # noqa: E402  # noqa: E402
     QuickstartConfig,
+    SortDigitsTask,  # noqa: E402
     _pairs,
     _train_args,
+    char_tokenizer,
     completion_logps,
     greedy_reward,
     implicit_reward_accuracy,
+    tiny_causal_lm,
 )
 from trl_dpo_ext.ref_init import train_sft_reference  # noqa: E402
-from trl_dpo_ext.tasks import SortDigitsTask  # noqa: E402
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -27,8 +27,8 @@ from transformers import PrinterCallback  # noqa: E402
 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
 from trl_dpo_ext.diagnostics import record_path  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, flipped_preference_rows, tiny_causal_lm  # noqa: E402
 from trl_dpo_ext.report import write_report  # noqa: E402
-from trl_dpo_ext.toy import char_tokenizer, flipped_preference_rows, tiny_causal_lm  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -51,20 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     rows, flipped = flipped_preference_rows(args.num_rows, args.flip_fraction, args.max_rejected, seed=args.seed)
     tokenizer = char_tokenizer()
     config = DPOConfig(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        beta=args.beta,
-        precompute_ref_log_probs=True,
-        grad_weight_record=True,
-        report_to="none",
-        logging_steps=25,
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=args.seed,
-        disable_tqdm=True,
+        **cpu_training_args(
+            args.output_dir,
+            per_device_train_batch_size=args.batch_size,
+            num_train_epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            beta=args.beta,
+            precompute_ref_log_probs=True,
+            grad_weight_record=True,
+            logging_steps=25,
+            use_cpu=True,
+            seed=args.seed,
+        )
     )
     trainer = DPOTrainer(
         model=tiny_causal_lm(len(tokenizer), seed=args.seed),

@@ -4,7 +4,7 @@
 pip install -e . && python examples/quickstart.py      # the same run as `trl-dpo-ext quickstart`, about 1-2 CPU minutes
 ```
 
-Offline: the task (sort the digits of the prompt, `trl_dpo_ext.tasks`), its best-of-4 preference rows rated by a
+Offline: the task (sort the digits of the prompt, `trl_dpo_ext.quickstart.task`), its best-of-4 preference rows rated by a
 ground-truth reward, a character tokenizer and a tiny Llama are all built here. `trl_dpo_ext.quickstart.run` does the
 same with a progress bar per stage and prints the before/after table.
 """
@@ -13,9 +13,14 @@ import torch
 from datasets import Dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.quickstart import completion_logps, greedy_reward, implicit_reward_accuracy
-from trl_dpo_ext.tasks import SortDigitsTask
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import (
+    SortDigitsTask,
+    char_tokenizer,
+    completion_logps,
+    greedy_reward,
+    implicit_reward_accuracy,
+    tiny_causal_lm,
+)
 
 
 torch.set_num_threads(1)  # a model this small runs fastest on one thread

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -49,21 +47,10 @@ def sequence_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> t
 def make_args(tmp_path, **kwargs):
     from trl_dpo_ext import DPOConfig
 
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        report_to="none",
-        logging_steps=1,
-        bf16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
+    defaults = cpu_training_args(
+        str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, logging_steps=1
     )
-    defaults.update(kwargs)
-    return DPOConfig(**defaults)
+    return DPOConfig(**{**defaults, **kwargs})
 
 
 def loss_and_grads(trainer, rows: list[int] | None = None):
@@ -78,6 +65,17 @@ def loss_and_grads(trainer, rows: list[int] | None = None):
     grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
     trainer.model.zero_grad()
     return loss.detach(), grads
+
+
+def assert_every_trainable_parameter_changed(model, before: dict[str, torch.Tensor]) -> None:
+    """TRL's own check after `train()`: every trainable parameter moved from its value in `before`."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in before:
+            assert not torch.equal(param.detach().cpu(), before[name]), f"Parameter {name} has not changed."
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_grads_close(grads, expected, atol=1e-6, rtol=1e-5):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_dpo_ext import cli
 from trl_dpo_ext.convert import rated_to_multi_rejected
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm
 
 
 needs_shared = pytest.mark.skipif(
@@ -140,13 +140,16 @@ def test_dpo_command_without_a_dataset_says_what_to_give(model_dir, tmp_path):
         cli.main(["dpo", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path), *COMMON_FLAGS])
 
 
-@pytest.mark.parametrize("command, module", [("sft-ref", "trl_dpo_ext.ref_init"), ("report", "trl_dpo_ext.report")])
-def test_sft_ref_and_report_get_the_rest_of_the_command_line(monkeypatch, command, module):
+@pytest.mark.parametrize(
+    "command, module, function",
+    [("sft-ref", "trl_dpo_ext.cli", "sft_ref_main"), ("report", "trl_dpo_ext.report", "main")],
+)
+def test_sft_ref_and_report_get_the_rest_of_the_command_line(monkeypatch, command, module, function):
     import importlib
 
     calls = []
-    # `ref_init.main` returns the reference's folder: the command still exits with status 0, not with that string
-    monkeypatch.setattr(importlib.import_module(module), "main", lambda argv: calls.append(argv) or "some/folder")
+    # `sft_ref_main` returns the reference's folder: the command still exits with status 0, not with that string
+    monkeypatch.setattr(importlib.import_module(module), function, lambda argv: calls.append(argv) or "some/folder")
     assert cli.main([command, "--model_name_or_path", "m", "--x"]) == 0
     assert calls == [["--model_name_or_path", "m", "--x"]]
 

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from conftest import make_args, policy_and_ref, sequence_logps
 from datasets import Dataset
 
+import trl_dpo_ext.diagnostics as diagnostics_module
 import trl_dpo_ext.trainer as trainer_module
 from trl_dpo_ext import DPOTrainer
 from trl_dpo_ext.diagnostics import (
@@ -25,6 +26,7 @@ from trl_dpo_ext.diagnostics import (
     truncate_record,
     weight_statistics,
 )
+from trl_dpo_ext.loss_spec import LossSpec
 from trl_dpo_ext.losses import PreferenceLogps
 
 
@@ -36,6 +38,13 @@ ROWS = [
     {"prompt": "x*y ", "chosen": "xy", "rejected": ["yx", "x"]},
     {"prompt": "q", "chosen": "r", "rejected": ["s"]},
 ]
+
+
+def spec(beta: float, loss_types: list[str], loss_weights: list[float] | None = None, reduction: str = "mean"):
+    weights = loss_weights or [1.0] * len(loss_types)
+    return LossSpec(loss_types=tuple(loss_types), loss_weights=tuple(weights), reduction=reduction, beta=beta)
+
+
 STAT_NAMES = ("mean", "max", "p10", "p50", "p90", "frac_above_0.5", "frac_below_0.05")
 
 
@@ -96,14 +105,14 @@ def padded(rows: list[list[float]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "min", "softmax"])
 def test_effective_weight_of_the_sigmoid_loss_matches_its_hand_derivative(reduction):
-    effective = effective_grad_weights(hand_logps(), 0.5, ["sigmoid"], [1.0], reduction)
+    effective = effective_grad_weights(hand_logps(), spec(0.5, ["sigmoid"], [1.0], reduction))
     torch.testing.assert_close(effective, padded(expected_effective(reduction, 0.5)), equal_nan=True)
 
 
 def test_effective_weight_of_sigmoid_mean_is_w_over_k():
     logps = hand_logps()
     k = logps.rejected_mask.sum(dim=1, keepdim=True)
-    effective = effective_grad_weights(logps, 0.1, ["sigmoid"])
+    effective = effective_grad_weights(logps, spec(0.1, ["sigmoid"]))
     torch.testing.assert_close(effective, grad_weights(logps, 0.1) / k, equal_nan=True)
 
 
@@ -115,15 +124,15 @@ def test_effective_weight_of_ipo_matches_its_hand_derivative():
         [-2 * (dw / nw - dl / nl - 1 / (2 * beta)) / nl / len(dls) / beta for dl, nl in zip(dls, nls, strict=True)]
         for dw, dls, nw, nls in zip(DELTA_W, DELTA_L, n_w, n_l, strict=True)
     ]
-    effective = effective_grad_weights(logps, beta, ["ipo"], [1.0], "mean")
+    effective = effective_grad_weights(logps, spec(beta, ["ipo"], [1.0], "mean"))
     torch.testing.assert_close(effective, padded(expected), equal_nan=True)
 
 
 def test_effective_weight_scales_with_loss_weights_and_ignores_sft():
     logps = hand_logps()
-    effective = effective_grad_weights(logps, 0.5, ["sigmoid", "sft"], [0.8, 0.2], "mean")
+    effective = effective_grad_weights(logps, spec(0.5, ["sigmoid", "sft"], [0.8, 0.2], "mean"))
     torch.testing.assert_close(effective, 0.8 * padded(expected_effective("mean", 0.5)), equal_nan=True)
-    only_sft = effective_grad_weights(logps, 0.5, ["sft"], [1.0], "mean")
+    only_sft = effective_grad_weights(logps, spec(0.5, ["sft"], [1.0], "mean"))
     torch.testing.assert_close(only_sft, padded([[0.0] * 3, [0.0]]), equal_nan=True)
 
 
@@ -131,12 +140,12 @@ def test_effective_weight_scales_with_loss_weights_and_ignores_sft():
 def test_padding_of_ragged_k_changes_nothing(reduction):
     logps = hand_logps()
     batch_w = grad_weights(logps, 0.5)
-    batch_e = effective_grad_weights(logps, 0.5, ["sigmoid"], [1.0], reduction)
+    batch_e = effective_grad_weights(logps, spec(0.5, ["sigmoid"], [1.0], reduction))
     for i, k in enumerate([3, 1]):  # each example alone, with no padding at all
         alone = PreferenceLogps(*(t[i : i + 1, :k] if t.size(1) == 3 else t[i : i + 1] for t in logps))
         torch.testing.assert_close(batch_w[i, :k], grad_weights(alone, 0.5)[0])
         torch.testing.assert_close(
-            batch_e[i, :k], effective_grad_weights(alone, 0.5, ["sigmoid"], [1.0], reduction)[0]
+            batch_e[i, :k], effective_grad_weights(alone, spec(0.5, ["sigmoid"], [1.0], reduction))[0]
         )
     # An extra column of padding leaves the weights and every statistic as they were
     wider = logps._replace(
@@ -146,7 +155,7 @@ def test_padding_of_ragged_k_changes_nothing(reduction):
         rejected_lengths=torch.cat([logps.rejected_lengths, torch.ones(2, 1)], dim=1),
     )
     wide_w = grad_weights(wider, 0.5)
-    wide_e = effective_grad_weights(wider, 0.5, ["sigmoid"], [1.0], reduction)
+    wide_e = effective_grad_weights(wider, spec(0.5, ["sigmoid"], [1.0], reduction))
     torch.testing.assert_close(wide_w[:, :3], batch_w, equal_nan=True)
     torch.testing.assert_close(wide_e[:, :3], batch_e, equal_nan=True)
     assert torch.isnan(wide_w[:, 3]).all() and torch.isnan(wide_e[:, 3]).all()
@@ -306,10 +315,10 @@ def test_effective_weight_is_the_gradient_of_the_trainers_own_loss(tokenizer, tm
     """(B/β)·∂L/∂log π_θ(y_lk) by backpropagating the loss the trainer returns, against what the diagnostics logged."""
     trainer = trainer_for(tokenizer, tmp_path, **config)
     captured = {}
-    sequence_logps_fn, effective_fn = trainer._sequence_logps, trainer_module.effective_grad_weights
+    sequence_logps_fn, effective_fn = trainer_module.sequence_logps, diagnostics_module.effective_grad_weights
 
-    def keep_policy_rejected(per_token_logps, inputs):
-        chosen, rejected = sequence_logps_fn(per_token_logps, inputs)
+    def keep_policy_rejected(*args, **kwargs):
+        chosen, rejected = sequence_logps_fn(*args, **kwargs)
         if rejected.requires_grad:  # the policy's; the reference's runs under no_grad
             rejected.retain_grad()
             captured["rejected"] = rejected
@@ -319,8 +328,8 @@ def test_effective_weight_is_the_gradient_of_the_trainers_own_loss(tokenizer, tm
         captured["effective"] = effective_fn(*args, **kwargs)
         return captured["effective"]
 
-    monkeypatch.setattr(trainer, "_sequence_logps", keep_policy_rejected)
-    monkeypatch.setattr(trainer_module, "effective_grad_weights", keep_effective)
+    monkeypatch.setattr(trainer_module, "sequence_logps", keep_policy_rejected)
+    monkeypatch.setattr(diagnostics_module, "effective_grad_weights", keep_effective)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))]))
     trainer.model.train()
     trainer.compute_loss(trainer.model, batch).backward()

@@ -11,8 +11,8 @@ from datasets import Dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
 from trl_dpo_ext.diagnostics import read_record, record_path
+from trl_dpo_ext.quickstart import char_tokenizer, flipped_preference_rows, tiny_causal_lm
 from trl_dpo_ext.report import write_report
-from trl_dpo_ext.toy import char_tokenizer, flipped_preference_rows, tiny_causal_lm
 
 
 NUM_ROWS, NUM_EPOCHS = 120, 4

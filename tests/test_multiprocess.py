@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_dpo_ext.tasks import SortDigitsTask
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import SortDigitsTask, char_tokenizer, tiny_causal_lm
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_dpo.py"

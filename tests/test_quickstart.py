@@ -3,8 +3,7 @@
 import pytest
 
 from trl_dpo_ext import cli
-from trl_dpo_ext.quickstart import QuickstartConfig, implicit_reward_accuracy, run
-from trl_dpo_ext.tasks import SortDigitsTask
+from trl_dpo_ext.quickstart import QuickstartConfig, SortDigitsTask, implicit_reward_accuracy, run
 
 
 @pytest.mark.parametrize(
@@ -63,14 +62,16 @@ def test_reduced_quickstart_prints_the_before_after_table(capsys):
     assert cli.main(["quickstart", *argv]) == 0
     out = capsys.readouterr().out
     assert "after SFT   after DPO" in out
-    for label in ("Preference accuracy of the implicit reward", "Mean ground-truth reward of greedy answers"):
-        values = [float(v) for v in next(line for line in out.splitlines() if line.startswith(label)).split()[-2:]]
-        assert all(0.0 <= v <= 1.0 for v in values), (label, values)
+    label = "Preference accuracy of the implicit reward"
+    after_sft, after_dpo = [
+        float(v) for v in next(line for line in out.splitlines() if line.startswith(label)).split()[-2:]
+    ]
+    # The printed table is the run's: DPO ranks most held-out pairs right (as `run` below, with the same settings)
+    assert after_dpo > 0.7 and after_dpo > after_sft
 
 
 def test_reduced_quickstart_returns_its_numbers_and_dpo_learns_the_held_out_preferences():
     results = run(QuickstartConfig(num_train_prompts=300, num_eval_prompts=40, sft_epochs=3, dpo_epochs=1))
-    assert results["sft"]["implicit_reward_accuracy"] == 0.5  # the SFT model is the reference: every reward is 0
     # Even this short run ranks most held-out (chosen, rejected) pairs right
     assert results["dpo"]["implicit_reward_accuracy"] > 0.7
     assert 250 < results["data"]["train_rows"] <= 300 and 1 < results["data"]["mean_rejected"] < 3

@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trl_dpo_ext import DPOTrainer, ref_init
+from trl_dpo_ext.cli import sft_ref_main as main
 from trl_dpo_ext.data import extract_prompt_multi, tokenize_row
-from trl_dpo_ext.ref_init import METADATA_FILE, main, read_metadata, train_sft_reference
-from trl_dpo_ext.toy import tiny_causal_lm
+from trl_dpo_ext.quickstart import tiny_causal_lm
+from trl_dpo_ext.ref_identity import METADATA_FILE, read_metadata
+from trl_dpo_ext.ref_init import train_sft_reference
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "ref_init_two_process.py"

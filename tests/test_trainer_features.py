@@ -5,12 +5,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loss_and_grads, make_args, policy_and_ref, sequence_logps
+from conftest import (
+    assert_every_trainable_parameter_changed,
+    loss_and_grads,
+    make_args,
+    policy_and_ref,
+    sequence_logps,
+    trainable_parameters,
+)
 from datasets import Dataset
 from peft import LoraConfig
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.toy import tiny_causal_lm
+from trl_dpo_ext.quickstart import tiny_causal_lm
 
 
 ROWS = [
@@ -31,6 +38,19 @@ def trainer_for(tokenizer, tmp_path, rows=ROWS, ref=True, peft_config=None, **co
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"rejected_reduction": "softmax"}, {"prefix_sharing": True}, {"loss_type": ["sigmoid", "sft"]}],
+    ids=["mean", "softmax", "prefix_sharing", "sigmoid_sft"],
+)
+def test_train_changes_every_trainable_parameter(tokenizer, tmp_path, config):
+    """As TRL's own tests: after `train()` on K rejected per row, no trainable parameter is left where it was."""
+    trainer = trainer_for(tokenizer, tmp_path, max_steps=3, **config)
+    before = trainable_parameters(trainer.model)
+    trainer.train()
+    assert_every_trainable_parameter_changed(trainer.model, before)
 
 
 def seed_broadcast_loss(policy, reference, dataset, beta=0.1):

@@ -9,6 +9,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trl_dpo_ext import DPOTrainer
+from trl_dpo_ext.forward import sequence_logps as forward_sequence_logps
 
 
 PROMPTS = ["2+2=", "sky? ", "abc", "hello ", "x*y ", "q"]
@@ -198,7 +199,7 @@ def test_policy_log_probs_match_a_plain_forward(tokenizer, tmp_path):
     batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
     with torch.no_grad():
         per_token, _ = trainer._per_token_logps(trainer.model, batch, reference=False)
-        chosen, rejected = trainer._sequence_logps(per_token, batch)
+        chosen, rejected = forward_sequence_logps(per_token, batch)
         for i in range(len(dataset)):
             row = dataset[i]
             expected = sequence_logps(policy, row["prompt_ids"], row["chosen_ids"])

@@ -1,7 +1,7 @@
 """trl-dpo-ext: a drop-in `trl.DPOTrainer` for preference data with one chosen and many rejected responses."""
 
+from .collator import DataCollatorForMultiRejectedPreference
 from .config import DPOConfig
-from .data import DataCollatorForMultiRejectedPreference
 from .ref_init import train_sft_reference
 from .trainer import DPOTrainer
 

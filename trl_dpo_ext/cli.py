@@ -129,6 +129,49 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
     return trainer
 
 
+def make_sft_ref_parser(prog: str = "trl-dpo-ext sft-ref"):
+    """The parser of `sft-ref`: `ScriptArguments` (dataset), `DPOConfig` (with `ref_init_*`), `ModelConfig`."""
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from .config import DPOConfig
+
+    return TrlParser((ScriptArguments, DPOConfig, ModelConfig), prog=prog)
+
+
+def sft_ref_main(argv: list[str]) -> str:
+    """`trl-dpo-ext sft-ref`: make the SFT reference of a preference dataset, save it, and print its folder."""
+    from trl import get_peft_config
+
+    from .convert import load_preference_dataset
+    from .ref_init import train_sft_reference
+
+    script_args, args, model_args = make_sft_ref_parser().parse_args_and_config(args=argv)
+    if not model_args.model_name_or_path:
+        raise ValueError("`--model_name_or_path` is required: the base model to fine-tune on the chosen responses.")
+    if not script_args.dataset_name:
+        raise ValueError("`--dataset_name` is required: a JSON lines file, a dataset folder or a Hub dataset id.")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise NotImplementedError(
+            "The SFT reference is made without quantization; drop --load_in_4bit/--load_in_8bit."
+        )
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+    }
+    model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
+    args.model_init_kwargs = {**model_init_kwargs, **(args.model_init_kwargs or {})}
+    dataset = load_preference_dataset(
+        script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split
+    )
+    sft_dir = train_sft_reference(
+        model_args.model_name_or_path, dataset, None, args, peft_config=get_peft_config(model_args)
+    )
+    if args.distributed_state.is_main_process:
+        print(sft_dir)
+    return sft_dir
+
+
 def dpo_main(argv: list[str]) -> int:
     parser = make_dpo_parser()
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
@@ -154,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "dpo":
         return dpo_main(rest)
     if command == "sft-ref":
-        from .ref_init import main as ref_init_main
-
-        ref_init_main(rest)  # returns the reference's folder, which it prints; the exit status is 0
+        sft_ref_main(rest)  # returns the reference's folder, which it prints; the exit status is 0
         return 0
     if command == "report":
         from .report import main as report_main

@@ -7,14 +7,8 @@ from dataclasses import dataclass, field, fields
 
 import trl
 
-from .losses import (
-    BATCH_SORTED_LOSS_TYPES,
-    CHOSEN_ONLY_LOSS_TYPES,
-    LISTWISE_REDUCTIONS,
-    REJECTED_REDUCTIONS,
-    REWARD_LISTWISE_REDUCTIONS,
-    SUPPORTED_LOSS_TYPES,
-)
+from .loss_spec import LossSpec
+from .losses import REJECTED_REDUCTIONS
 
 
 @dataclass
@@ -193,40 +187,5 @@ class DPOConfig(trl.DPOConfig):
                 f"`max_length={self.max_length}`) cuts a different part of the prompt for each response. Use "
                 "`truncation_mode='keep_start'`, `max_length=None`, or `prefix_sharing=False`."
             )
-        if self.rejected_reduction not in REJECTED_REDUCTIONS:
-            raise ValueError(
-                f"`rejected_reduction` must be one of {list(REJECTED_REDUCTIONS)}, got {self.rejected_reduction!r}."
-            )
-        unknown = [t for t in self.loss_type if t not in SUPPORTED_LOSS_TYPES]
-        if unknown:
-            raise ValueError(f"Unknown `loss_type` {unknown}; supported loss types are {list(SUPPORTED_LOSS_TYPES)}.")
-        if self.rejected_reduction in LISTWISE_REDUCTIONS:
-            pairwise = [t for t in self.loss_type if t not in CHOSEN_ONLY_LOSS_TYPES]
-            if pairwise != ["sigmoid"]:
-                raise ValueError(
-                    f"`rejected_reduction='{self.rejected_reduction}'` is the listwise form of the sigmoid loss and "
-                    f"replaces it, so it needs `loss_type=['sigmoid']` (optionally with 'sft'); got "
-                    f"`loss_type={self.loss_type}`. To apply {pairwise} to every (chosen, rejected) pair, use "
-                    "`rejected_reduction='mean'`, 'sum' or 'min'."
-                )
-            if self.rejected_reduction in REWARD_LISTWISE_REDUCTIONS and self.f_divergence_type != "reverse_kl":
-                raise ValueError(
-                    f"`rejected_reduction='{self.rejected_reduction}'` fits the implicit rewards β·log π_θ/π_ref "
-                    f"themselves, which `f_divergence_type='{self.f_divergence_type}'` has no form for. Use "
-                    "`f_divergence_type='reverse_kl'`, or `rejected_reduction='softmax'` or 'plackett_luce'."
-                )
-            if self.score_temperature <= 0:
-                raise ValueError(f"`score_temperature` must be positive, got {self.score_temperature}.")
-            if self.use_weighting:
-                raise ValueError(
-                    f"`use_weighting=True` weights each (chosen, rejected) pair, which "
-                    f"`rejected_reduction='{self.rejected_reduction}'` does not have. Use `rejected_reduction='mean'`, "
-                    "'sum' or 'min' with `use_weighting=True`."
-                )
-        batch_sorted = [t for t in self.loss_type if t in BATCH_SORTED_LOSS_TYPES]
-        if batch_sorted and self.rejected_reduction != "mean":
-            raise ValueError(
-                f"`loss_type={batch_sorted}` sorts one margin per example and has no reduction over several rejected; "
-                f"got `rejected_reduction='{self.rejected_reduction}'`. Leave `rejected_reduction='mean'`, and give "
-                "one rejected per example, or use a pairwise loss such as 'sigmoid'."
-            )
+        # Every rule on which loss combinations are meaningful lives in the spec, which raises here
+        LossSpec.from_config(self)

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from .data import is_messages, type_name
+
 
 Rows = list[dict[str, Any]] | Dataset
 
@@ -43,10 +45,6 @@ def _rows(data: Rows) -> list[dict[str, Any]]:
 
 def _same_kind(rows: list[dict[str, Any]], data: Rows) -> Rows:
     return Dataset.from_list(rows) if isinstance(data, Dataset) else rows
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
 
 
 def _as_message(role: str, content: str) -> list[dict[str, str]]:
@@ -66,7 +64,7 @@ def _rated_responses(
     if not isinstance(completions, list) or not completions:
         raise ValueError(
             f"Row {idx}, column '{completions_column}': expected a non-empty list of responses, got "
-            f"{_type_name(completions)}{' (empty)' if completions == [] else ''}."
+            f"{type_name(completions)}{' (empty)' if completions == [] else ''}."
         )
     if isinstance(completions[0], dict):
         pairs = []
@@ -74,7 +72,7 @@ def _rated_responses(
             if not isinstance(item, dict) or response_key not in item or score_key not in item:
                 raise ValueError(
                     f"Row {idx}, column '{completions_column}', item {j}: expected a dict with keys '{response_key}' "
-                    f"and '{score_key}', got {sorted(item) if isinstance(item, dict) else _type_name(item)}."
+                    f"and '{score_key}', got {sorted(item) if isinstance(item, dict) else type_name(item)}."
                 )
             pairs.append((item[response_key], item[score_key]))
     else:
@@ -88,7 +86,7 @@ def _rated_responses(
             raise ValueError(
                 f"Row {idx}, column '{scores_column}': expected a list of {len(completions)} scores (one per "
                 f"response of column '{completions_column}'), got "
-                f"{len(scores) if isinstance(scores, list) else _type_name(scores)}."
+                f"{len(scores) if isinstance(scores, list) else type_name(scores)}."
             )
         pairs = list(zip(completions, scores, strict=True))
     for j, (response, score) in enumerate(pairs):
@@ -99,7 +97,7 @@ def _rated_responses(
         if not isinstance(response, str) or not response:
             raise ValueError(
                 f"Row {idx}, column '{completions_column}', item {j}: expected a non-empty str response, got "
-                f"{_type_name(response)}{' (empty)' if response == '' else ''}."
+                f"{type_name(response)}{' (empty)' if response == '' else ''}."
             )
     return [(response, float(score)) for response, score in pairs]
 
@@ -167,7 +165,7 @@ def rated_to_multi_rejected(
         prompt = row[prompt_column]
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(
-                f"Row {idx}, column '{prompt_column}': expected a non-empty str, got {_type_name(prompt)}."
+                f"Row {idx}, column '{prompt_column}': expected a non-empty str, got {type_name(prompt)}."
             )
         rated = _rated_responses(row, idx, completions_column, response_key, score_key, scores_column)
         best = max(score for _, score in rated)
@@ -208,14 +206,10 @@ def _key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
-
-
 def _check_response(value: Any, idx: int, column: str) -> None:
-    if not (isinstance(value, str) or _is_messages(value)):
+    if not (isinstance(value, str) or is_messages(value)):
         raise ValueError(
-            f"Row {idx}, column '{column}': expected a str or a list of messages, got {_type_name(value)}."
+            f"Row {idx}, column '{column}': expected a str or a list of messages, got {type_name(value)}."
         )
 
 
@@ -238,7 +232,7 @@ def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
             if column not in row:
                 raise ValueError(f"Row {idx}, column '{column}': missing (columns: {sorted(row)}).")
         rejected = row["rejected"]
-        rejected_list = rejected if isinstance(rejected, list) and not _is_messages(rejected) else [rejected]
+        rejected_list = rejected if isinstance(rejected, list) and not is_messages(rejected) else [rejected]
         if not rejected_list:
             raise ValueError(f"Row {idx}, column 'rejected': expected a response or a non-empty list, got empty list.")
         _check_response(row["chosen"], idx, "chosen")
@@ -269,17 +263,43 @@ def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_preference_dataset(name_or_path: str, config_name: str | None = None, streaming: bool = False) -> DatasetDict:
-    """A Hub dataset id, or a local folder or file of JSON lines (`.jsonl`, `.json`, optionally `.gz`).
+# A local file's builder, by its suffix (after a compression suffix)
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
-    A local file becomes the `train` split; a folder saved by `save_to_disk` is loaded as it was saved; any other
-    folder is read as `datasets.load_dataset` reads it, its file names (`train.jsonl`, `test.jsonl`, ...) naming the
-    splits.
+
+def load_preference_dataset(
+    name_or_path: str | os.PathLike,
+    config_name: str | None = None,
+    streaming: bool = False,
+    split: str | None = None,
+) -> DatasetDict | Dataset:
+    """The one dataset loader of `trl-dpo-ext dpo`, `sft-ref` and `report`.
+
+    A Hub dataset id, or a local path: a JSON-lines, JSON, CSV or Parquet file (`.jsonl`, `.json`, optionally `.gz`,
+    `.csv`, `.parquet`), which becomes the `train` split; a folder saved by `save_to_disk`, loaded as it was saved;
+    any other folder, read as `datasets.load_dataset` reads it, its file names (`train.jsonl`, `test.jsonl`, ...)
+    naming the splits. Returns the `DatasetDict`, or its `split` when one is named.
     """
+    name_or_path = os.fspath(name_or_path)
     if os.path.isfile(name_or_path):
-        return load_dataset("json", data_files={"train": name_or_path}, streaming=streaming)
-    if os.path.isfile(os.path.join(name_or_path, "dataset_dict.json")):
-        return load_from_disk(name_or_path)
-    if os.path.isfile(os.path.join(name_or_path, "state.json")):  # one `Dataset` saved by `save_to_disk`
-        return DatasetDict(train=load_from_disk(name_or_path))
-    return load_dataset(name_or_path, name=config_name, streaming=streaming)
+        stem, suffix = os.path.splitext(name_or_path[:-3] if name_or_path.endswith(".gz") else name_or_path)
+        builder = FILE_BUILDERS.get(suffix)
+        if builder is None:
+            raise ValueError(
+                f"Unknown dataset file type {suffix!r} of {name_or_path}: expected one of {sorted(FILE_BUILDERS)} "
+                "(optionally .gz)."
+            )
+        dataset = load_dataset(builder, data_files={"train": name_or_path}, streaming=streaming)
+    elif os.path.isfile(os.path.join(name_or_path, "dataset_dict.json")):
+        dataset = load_from_disk(name_or_path)
+    elif os.path.isfile(os.path.join(name_or_path, "state.json")):  # one `Dataset` saved by `save_to_disk`
+        dataset = DatasetDict(train=load_from_disk(name_or_path))
+    else:
+        dataset = load_dataset(name_or_path, name=config_name, streaming=streaming)
+    if split is None:
+        return dataset
+    if split not in dataset:
+        raise ValueError(
+            f"The dataset {name_or_path!r} has no split {split!r} (splits: {list(dataset)}); name one of them."
+        )
+    return dataset[split]

@@ -1,4 +1,4 @@
-"""Preference rows with one chosen and K rejected: validation, tokenisation and collation.
+"""Preference rows with one chosen and K rejected: validation and tokenisation (the collator is in `collator.py`).
 
 A row holds a `chosen` response and a `rejected` that is either one response (TRL's pairwise format) or a list of
 K ≥ 1 responses; K may differ from row to row. Text rows are standard (`str`) or conversational (lists of messages),
@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import warnings
 from typing import Any
 
-import torch
-from transformers.data.data_collator import DataCollatorMixin
-from trl.data_utils import _tokenize, common_prefix_length, extract_prompt
-from trl.trainer.utils import pad
+from accelerate.logging import get_logger
+from datasets import Dataset, IterableDataset
+from transformers import AutoProcessor
+from trl.data_utils import extract_prompt
 
-from .prefix_sharing import pack_preference_batch
+from ._trl_compat import common_prefix_length, get_config_model_id, global_then_local_main_first, tokenize
+
+
+logger = get_logger(__name__)
 
 
 TEXT_COLUMNS = ("chosen", "rejected")
@@ -29,33 +32,41 @@ TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 INDEX_COLUMN = "dataset_index"
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+def is_messages(value: Any) -> bool:
+    """Whether a value is one conversational response or prompt: a non-empty list of messages (dicts with a role)."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def is_conversational_row(example: dict[str, Any]) -> bool:
     """Whether a text row holds messages. `trl.is_conversational` looks at an arbitrary one of the columns, which for a
     list of rejected is a list of lists (or empty); the chosen, or the prompt, is always one response."""
-    return _is_messages(example.get("chosen")) or _is_messages(example.get("prompt"))
+    return is_messages(example.get("chosen")) or is_messages(example.get("prompt"))
 
 
-def _type_name(value: Any) -> str:
+def require_values(example: dict[str, Any], columns: tuple[str, ...], idx: int) -> None:
+    """Every one of `columns` holds a value (a missing column of a row, or None, is an error naming both)."""
+    for column in columns:
+        if example.get(column) is None:
+            raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
+
+
+def type_name(value: Any) -> str:
     if isinstance(value, list):
-        inner = sorted({_type_name(v) for v in value[:4]})
+        inner = sorted({type_name(v) for v in value[:4]})
         return f"list[{' | '.join(inner)}]" if inner else "empty list"
     return type(value).__name__
 
 
 def _error(row: int, column: str, expected: str, value: Any) -> ValueError:
-    return ValueError(f"Row {row}, column '{column}': expected {expected}, got {_type_name(value)}.")
+    return ValueError(f"Row {row}, column '{column}': expected {expected}, got {type_name(value)}.")
 
 
 def rejected_as_list(value: Any, conversational: bool, row: int, column: str = "rejected") -> list:
     """The rejected response(s) of a text row as a non-empty list, whether given as one response or as a list."""
     if conversational:
-        if _is_messages(value):
+        if is_messages(value):
             return [value]
-        if isinstance(value, list) and value and all(_is_messages(v) for v in value):
+        if isinstance(value, list) and value and all(is_messages(v) for v in value):
             return value
         raise _error(row, column, "a list of messages or a non-empty list of lists of messages", value)
     if isinstance(value, str):
@@ -83,10 +94,8 @@ def rejected_ids_as_list(value: Any, row: int) -> list[list[int]]:
 def extract_prompt_multi(example: dict[str, Any], idx: int = 0) -> dict[str, Any]:
     """`trl.extract_prompt` for a list of rejected: the prompt is the shortest of the chosen's common prefixes with
     each rejected. With one rejected it is exactly `trl.extract_prompt`."""
-    for column in TEXT_COLUMNS:
-        if example.get(column) is None:
-            raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
-    conversational = _is_messages(example["chosen"])
+    require_values(example, TEXT_COLUMNS, idx)
+    conversational = is_messages(example["chosen"])
     if not conversational and not isinstance(example["chosen"], str):
         raise _error(idx, "chosen", "a str or a list of messages", example["chosen"])
     rejected = example["rejected"]
@@ -107,12 +116,10 @@ def tokenize_row(example: dict[str, Any], idx: int, processing_class, eos_token:
     The completion starts where the tokenized prompt and the tokenized prompt+response diverge, taken over all the
     responses of the row (see `trl.data_utils.common_prefix_length`); with one rejected this is TRL's own rule.
     """
-    for column in ("prompt", *TEXT_COLUMNS):
-        if example.get(column) is None:
-            raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
+    require_values(example, ("prompt", *TEXT_COLUMNS), idx)
     conversational = is_conversational_row(example)
     chosen = example["chosen"]
-    if conversational and not _is_messages(chosen):
+    if conversational and not is_messages(chosen):
         raise _error(idx, "chosen", "a list of messages", chosen)
     if not conversational and not isinstance(chosen, str):
         raise _error(idx, "chosen", "a str (or a list of messages)", chosen)
@@ -122,16 +129,16 @@ def tokenize_row(example: dict[str, Any], idx: int, processing_class, eos_token:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-        prompt_ids = _tokenize(processing_class, example["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
+        prompt_ids = tokenize(processing_class, example["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
         full_ids = [
-            _tokenize(processing_class, example["prompt"] + r, **kwargs)["input_ids"] for r in [chosen, *rejected]
+            tokenize(processing_class, example["prompt"] + r, **kwargs)["input_ids"] for r in [chosen, *rejected]
         ]
     else:
         if eos_token is not None:  # as TRL: standard text ends with EOS, added once
             chosen = chosen if chosen.endswith(eos_token) else chosen + eos_token
             rejected = [r if r.endswith(eos_token) else r + eos_token for r in rejected]
-        prompt_ids = _tokenize(processing_class, example["prompt"])["input_ids"]
-        full_ids = [_tokenize(processing_class, example["prompt"] + r)["input_ids"] for r in [chosen, *rejected]]
+        prompt_ids = tokenize(processing_class, example["prompt"])["input_ids"]
+        full_ids = [tokenize(processing_class, example["prompt"] + r)["input_ids"] for r in [chosen, *rejected]]
 
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
     chosen_ids = full_ids[0][prompt_len:]
@@ -173,9 +180,7 @@ def dataset_index(example: dict[str, Any], idx: int) -> int:
 
 def check_tokenized_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
     """Validate one pre-tokenized row; its ids are kept exactly as given (no EOS added, nothing re-tokenized)."""
-    for column in TOKENIZED_COLUMNS:
-        if example.get(column) is None:
-            raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
+    require_values(example, TOKENIZED_COLUMNS, idx)
     prompt_ids = _check_ids(example["prompt_ids"], idx, "prompt_ids")
     chosen_ids = _check_ids(example["chosen_ids"], idx, "chosen_ids")
     rejected_ids = rejected_ids_as_list(example["rejected_ids"], idx)
@@ -216,116 +221,149 @@ def check_ref_logps(ref_chosen: Any, ref_rejected: Any, num_rejected: int, idx: 
             )
 
 
-@dataclass
-class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
-    """
-    Collate rows of one chosen and K_i rejected into one padded batch of B + Σ K_i sequences.
+# ---------------------------------------------------------------------------------------------- preparation
 
-    Each example holds `"prompt_ids"`, `"chosen_ids"` and `"rejected_ids"` (a list of K_i token lists). Rows of the
-    output are the B chosen sequences (prompt + chosen), then every rejected sequence (prompt + rejected_k), example
-    by example. With K_i = 1 for all rows, `input_ids`, `attention_mask` and `completion_mask` are exactly those of
-    `trl.trainer.dpo_trainer.DataCollatorForPreference`. Besides them it returns:
 
-    - `"rejected_mask"`: bool [B, K_max], True where example i has a k-th rejected;
-    - `"ref_chosen_logps"` [B] and `"ref_rejected_logps"` [B, K_max] (0 where absent), when the examples carry them;
-    - `"scores"` [B, 1 + K_max] (the chosen's first; 0 where absent), when the examples carry them;
-    - `"dataset_index"` [B] (long), each row's position in the training dataset, when the examples carry it (it is
-      not a model input).
+def model_id(model) -> str:
+    """The name a model (a path, a Hub id or an instance) goes by, as TRL names it."""
+    return model if isinstance(model, str) else get_config_model_id(model.config)
 
-    Args:
-        pad_token_id (`int`): token used for padding.
-        max_length (`int`, *optional*): each sequence is truncated to this length before padding.
-        truncation_mode (`str`, *optional*, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"`.
-        pad_to_multiple_of (`int`, *optional*): pad the length to a multiple of this value.
-        prefix_sharing (`bool`, *optional*, defaults to `False`): also pack each example as one row [prompt |
-            chosen | rejected_1 | …]: the batch then holds `packed_input_ids`, `packed_position_ids`,
-            `packed_segment_ids`, `packed_completion_mask` [B, L_p] and `unpack_index` besides the unshared keys
-            (see `trl_dpo_ext.prefix_sharing.pack_preference_batch`).
 
-    Examples:
-    ```python
-    >>> collator = DataCollatorForMultiRejectedPreference(pad_token_id=0)
-    >>> collator([
-    ...     {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [[4, 5], [6]]},
-    ...     {"prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [[10]]},
-    ... ])
-    {'input_ids': tensor([[ 1,  2,  3,  0],    # chosen of example 0
-                          [ 7,  8,  9,  0],    # chosen of example 1
-                          [ 1,  2,  4,  5],    # rejected 0 of example 0
-                          [ 1,  2,  6,  0],    # rejected 1 of example 0
-                          [ 7, 10,  0,  0]]),  # rejected 0 of example 1
-     'attention_mask': ..., 'completion_mask': ...,
-     'rejected_mask': tensor([[ True,  True],
-                              [ True, False]])}
-    ```
-    """
+def load_processing_class(model, args):
+    """The tokenizer or processor of `model`, loaded as `trl.DPOTrainer` loads it when none is given."""
+    return AutoProcessor.from_pretrained(
+        model_id(model),
+        revision=(args.model_init_kwargs or {}).get("revision"),
+        trust_remote_code=args.trust_remote_code,
+    )
 
-    pad_token_id: int
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    pad_to_multiple_of: int | None = None
-    return_tensors: str = "pt"
-    prefix_sharing: bool = False
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        rejected = [rejected_ids_as_list(example["rejected_ids"], i) for i, example in enumerate(examples)]
-        sequences, completion_masks = [], []
-        for example in examples:
-            sequences.append(example["prompt_ids"] + example["chosen_ids"])
-            completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(example["chosen_ids"]))
-        for example, rejected_ids in zip(examples, rejected, strict=True):
-            for ids in rejected_ids:
-                sequences.append(example["prompt_ids"] + ids)
-                completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(ids))
+def prepare_preference_dataset(dataset, processing_class, eos_token: str | None, args, dataset_name: str, loss_spec):
+    """Validate and tokenize a preference dataset (the trainer's `_prepare_dataset`): every row checked, naming the
+    row and the column; text rows tokenized with each rejected after the same prompt; the rules on the number of
+    rejected checked against `loss_spec`; rows whose prompt fills `max_length` dropped, as TRL drops them."""
+    tokenized, missing = missing_columns(dataset.column_names)
+    if missing:
+        raise ValueError(
+            f"The {dataset_name} dataset has no column {missing} (columns: {dataset.column_names}). A preference "
+            "dataset needs 'chosen' and 'rejected' (text, with an optional 'prompt'), or 'prompt_ids', "
+            "'chosen_ids' and 'rejected_ids' (pre-tokenized)."
+        )
+    map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
 
-        if self.max_length is not None:
-            if self.truncation_mode == "keep_start":
-                sl = slice(None, self.max_length)
-            elif self.truncation_mode == "keep_end":
-                sl = slice(-self.max_length, None)
-            else:
-                raise ValueError(
-                    f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'"
+    def desc(text: str) -> dict:  # `IterableDataset.map` takes no `desc`
+        return {"desc": f"{text} {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+
+    with global_then_local_main_first():
+        if tokenized:
+            dataset = dataset.map(check_tokenized_row, with_indices=True, **map_kwargs, **desc("Checking"))
+        else:
+            first = next(iter(dataset))
+            if "prompt" not in first:
+                dataset = dataset.map(
+                    extract_prompt_multi, with_indices=True, **map_kwargs, **desc("Extracting prompt from")
                 )
-            sequences = [ids[sl] for ids in sequences]
-            completion_masks = [m[sl] for m in completion_masks]
-
-        def padded(rows: list[list[int]], value: int) -> torch.Tensor:
-            tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
-            return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
-
-        num_rejected = [len(r) for r in rejected]
-        max_rejected = max(num_rejected)
-        output = {
-            "input_ids": padded(sequences, self.pad_token_id),
-            "attention_mask": padded([[1] * len(ids) for ids in sequences], 0),
-            "completion_mask": padded(completion_masks, 0),
-            "rejected_mask": torch.arange(max_rejected)[None, :] < torch.tensor(num_rejected)[:, None],
-        }
-        if "scores" in examples[0]:
-            scores = torch.zeros(len(examples), 1 + max_rejected)
-            for i, example in enumerate(examples):
-                scores[i, : len(example["scores"])] = torch.tensor(example["scores"])
-            output["scores"] = scores
-        if INDEX_COLUMN in examples[0]:
-            output[INDEX_COLUMN] = torch.tensor([example[INDEX_COLUMN] for example in examples], dtype=torch.long)
-        if self.prefix_sharing:  # one packed row per example, forwarded instead of the unshared `input_ids`
-            packed = pack_preference_batch(
-                examples,
-                rejected,
-                self.pad_token_id,
-                output["completion_mask"].size(1),
-                self.max_length,
-                self.truncation_mode,
-                self.pad_to_multiple_of,
+                first = next(iter(dataset))
+            dataset = dataset.map(
+                tokenize_row,
+                with_indices=True,
+                fn_kwargs={
+                    "processing_class": processing_class,
+                    "eos_token": None if is_conversational_row(first) else eos_token,
+                },
+                **map_kwargs,
+                **desc("Tokenizing"),
             )
-            output.update(packed)
-        if "ref_chosen_logps" in examples[0]:
-            output["ref_chosen_logps"] = torch.tensor([float(example["ref_chosen_logps"]) for example in examples])
-        if "ref_rejected_logps" in examples[0]:
-            ref_rejected = torch.zeros(len(examples), max_rejected)
-            for i, (example, k) in enumerate(zip(examples, num_rejected, strict=True)):
-                values = example["ref_rejected_logps"]
-                ref_rejected[i, :k] = torch.tensor(values[:k] if isinstance(values, list) else [values])
-            output["ref_rejected_logps"] = ref_rejected
-        return output
+
+        if isinstance(dataset, Dataset):
+            loss_spec.check_num_rejected(list(dataset["num_rejected"]), dataset_name, args.precompute_ref_log_probs)
+            identical = sum(dataset["num_identical_rejected"])
+            if identical:
+                warnings.warn(
+                    f"{identical} rejected response(s) of the {dataset_name} dataset are identical to their chosen "
+                    "response. They are kept, but such a pair carries no gradient.",
+                    stacklevel=4,
+                )
+
+        # As TRL: a prompt that fills `max_length` leaves no completion token under `keep_start` truncation
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+            dataset = dataset.filter(
+                lambda example: len(example["prompt_ids"]) < args.max_length,
+                **map_kwargs,
+                **desc("Dropping fully truncated examples from"),
+            )
+            if num_rows is not None and len(dataset) < num_rows:
+                logger.warning(
+                    f"Dropped {num_rows - len(dataset)} of {num_rows} rows of the {dataset_name} dataset whose "
+                    f"prompt alone fills `max_length={args.max_length}`."
+                )
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------- SFT rows (ref_init)
+
+# Columns of a text row that SFTTrainer reads besides the prompt and completion
+SFT_EXTRA_COLUMNS = ("tools", "chat_template_kwargs")
+
+
+def _check_text_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
+    """Validate a text row as the DPO trainer will (so a bad row fails before the SFT stage, not after it), and keep
+    the prompt and the chosen as SFTTrainer's prompt-completion pair."""
+    require_values(example, ("prompt", *TEXT_COLUMNS), idx)
+    conversational = is_messages(example["chosen"])
+    if not conversational and not isinstance(example["chosen"], str):
+        raise ValueError(
+            f"Row {idx}, column 'chosen': expected a str or a list of messages, got {type(example['chosen']).__name__}."
+        )
+    rejected = rejected_as_list(example["rejected"], conversational, idx)
+    check_scores(example, len(rejected), idx)
+    row = {"prompt": example["prompt"], "completion": example["chosen"]}
+    for column in SFT_EXTRA_COLUMNS:
+        if column in example:
+            row[column] = example[column]
+    return row
+
+
+def _tokenized_sft_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
+    """A pre-tokenized row as SFTTrainer's own tokenized format: nothing is re-tokenized, and the loss mask is the
+    chosen tokens (`completion_mask`, used because the SFT stage sets `completion_only_loss=True`)."""
+    row = check_tokenized_row(example, idx)
+    prompt_ids, chosen_ids = row["prompt_ids"], row["chosen_ids"]
+    return {"input_ids": prompt_ids + chosen_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(chosen_ids)}
+
+
+def preference_to_sft_dataset(
+    dataset: Dataset | IterableDataset, dataset_num_proc: int | None = None
+) -> Dataset | IterableDataset:
+    """The SFT rows of a preference dataset: one (prompt, chosen) row per example, whatever its number of rejected.
+
+    Text rows (standard or conversational, explicit or implicit prompt) become `{"prompt", "completion"}` rows that
+    `trl.SFTTrainer` tokenizes as it tokenizes any prompt-completion data; pre-tokenized rows (`prompt_ids`,
+    `chosen_ids`, `rejected_ids`) become `{"input_ids", "completion_mask"}` rows, used as given. Every row is
+    validated as the DPO trainer validates it, rejected included.
+    """
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise TypeError(
+            f"The training dataset must be a `datasets.Dataset` or `IterableDataset`, got {type(dataset)}."
+        )
+    first = next(iter(dataset))
+    if "image" in first or "images" in first:
+        raise NotImplementedError("Vision-language preference data is not supported by `ref_init`.")
+    column_names = dataset.column_names or list(first)
+    tokenized, missing = missing_columns(column_names)
+    if missing:
+        raise ValueError(
+            f"The preference dataset has no column {missing} (columns: {column_names}). It needs 'chosen' and "
+            "'rejected' (text, with an optional 'prompt'), or 'prompt_ids', 'chosen_ids' and 'rejected_ids'."
+        )
+    map_kwargs: dict[str, Any] = {}
+    if isinstance(dataset, Dataset):  # `IterableDataset.map` takes neither
+        map_kwargs = {"num_proc": dataset_num_proc, "desc": "Building the SFT-on-chosen rows of the dataset"}
+    with global_then_local_main_first():
+        if tokenized:
+            return dataset.map(_tokenized_sft_row, with_indices=True, remove_columns=column_names, **map_kwargs)
+        if "prompt" not in column_names:
+            dataset = dataset.map(extract_prompt_multi, with_indices=True, **map_kwargs)
+            column_names = dataset.column_names or list(next(iter(dataset)))
+        return dataset.map(_check_text_row, with_indices=True, remove_columns=column_names, **map_kwargs)

@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
-from .losses import CHOSEN_ONLY_LOSS_TYPES, PreferenceLogps, multi_rejected_loss
+from .data import INDEX_COLUMN
+from .loss_spec import LossSpec
+from .losses import PreferenceLogps
 
 
 if TYPE_CHECKING:
@@ -68,22 +70,17 @@ def grad_weights(logps: PreferenceLogps, beta: float) -> torch.Tensor:
 
 def effective_grad_weights(
     logps: PreferenceLogps,
-    beta: float,
-    loss_types: Sequence[str],
-    loss_weights: Sequence[float] | None = None,
-    rejected_reduction: str = "mean",
-    **loss_kwargs: Any,
+    spec: LossSpec,
+    pair_weights: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The effective weight e = (B/β)·∂L/∂Δ_lk of every pair under the configured loss, float32 [B, K]; NaN where
     there is no k-th rejected.
 
-    `L = Σ_t loss_weights[t] · mean_i multi_rejected_loss(loss_types[t], rejected_reduction)_i`, the trainer's loss
-    (the `"sft"` term does not depend on the rejected and adds nothing). `loss_kwargs` are the other keyword arguments
-    of `multi_rejected_loss` (`f_divergence_type`, `label_smoothing`, `discopop_tau`, `pair_weights`, `scores`, ...),
-    as the trainer passes them. The gradient is taken by autograd on detached float32 copies, so it works under
+    `L = spec.preference_loss(logps, pair_weights, scores)`, the trainer's loss (its `"sft"` term does not depend on
+    the rejected and adds nothing). The gradient is taken by autograd on detached float32 copies, so it works under
     `torch.no_grad()` and leaves the training graph untouched.
     """
-    loss_weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     batch_size = logps.rejected_mask.size(0)
 
     def fresh(value: Any) -> Any:
@@ -97,18 +94,12 @@ def effective_grad_weights(
         rejected = fresh(logps.rejected).requires_grad_(True)
         # Δ_lk = rejected − ref_rejected with a constant reference: ∂L/∂(log π_θ(y_lk)) = ∂L/∂Δ_lk
         leaf = PreferenceLogps(*(fresh(value) for value in logps))._replace(rejected=rejected)
-        kwargs = {key: fresh(value) for key, value in loss_kwargs.items()}
-        loss = rejected.new_zeros(())
-        for loss_type, loss_weight in zip(loss_types, loss_weights, strict=True):
-            if loss_type in CHOSEN_ONLY_LOSS_TYPES:
-                continue
-            per_example = multi_rejected_loss(loss_type, rejected_reduction, leaf, beta=beta, **kwargs)
-            loss = loss + per_example.mean() * loss_weight
+        loss = spec.preference_loss(leaf, fresh(pair_weights), fresh(scores))
         if loss.requires_grad:
             (grad,) = torch.autograd.grad(loss, rejected)
         else:  # only chosen-only losses: no pair carries a gradient
             grad = torch.zeros_like(rejected)
-    return (grad.detach() * (batch_size / beta)).masked_fill(~logps.rejected_mask, float("nan"))
+    return (grad.detach() * (batch_size / spec.beta)).masked_fill(~logps.rejected_mask, float("nan"))
 
 
 # -------------------------------------------------------------------------------------------------- statistics
@@ -300,3 +291,70 @@ class GradWeightHistogramCallback(TrainerCallback):
                 import trackio
 
                 trackio.log({f"train/{name}": trackio.Histogram(v.numpy()) for name, v in values.items()}, step=step)
+
+
+# ------------------------------------------------------------------------------------------------- the trainer's
+
+
+class GradWeightDiagnostics:
+    """The gradient-weight diagnostics of one trainer: owns its callbacks, the gather across processes and the record.
+
+    At every step of `_compute_loss` the trainer calls `step`, which computes w and e of every pair of the batch
+    (detached), gathers them from all processes, feeds the histogram callback and appends the per-row record, and
+    returns the `grad_weight/...` and `grad_weight_eff/...` metrics of the batch.
+
+    Args:
+        spec (`LossSpec`): the trainer's loss, differentiated for the effective weights.
+        report_to (`list[str]`): the run's reporters; histograms go to those in `HISTOGRAM_REPORTERS`.
+        output_dir (`str`): where the record is written, when `record` is True.
+        record (`bool`): whether to write the per-row record (`DPOConfig.grad_weight_record`).
+        callback_handler: the trainer's, so that the histogram callback finds TensorBoard's writer.
+    """
+
+    def __init__(self, spec: LossSpec, report_to: Sequence[str], output_dir: str, record: bool, callback_handler=None):
+        self.spec = spec
+        self.histogram = None
+        if any(name in (report_to or []) for name in HISTOGRAM_REPORTERS):
+            self.histogram = GradWeightHistogramCallback(report_to, callback_handler)
+        self.record_path = record_path(output_dir) if record else None
+
+    def callbacks(self) -> list[TrainerCallback]:
+        callbacks: list[TrainerCallback] = [] if self.histogram is None else [self.histogram]
+        if self.record_path is not None:
+            callbacks.append(GradWeightRecordCallback(self.record_path))
+        return callbacks
+
+    def step(
+        self,
+        accelerator: Accelerator,
+        train: bool,
+        inputs: dict,
+        logps: PreferenceLogps,
+        pair_weights: torch.Tensor | None,
+        global_step: int,
+        epoch: float | None,
+    ) -> dict[str, float]:
+        """Weights of every pair of one batch: the metrics, the histogram, and the record (training only)."""
+        weights = grad_weights(logps, self.spec.beta)
+        effective = effective_grad_weights(logps, self.spec, pair_weights, inputs.get("scores"))
+        record = train and self.record_path is not None
+        if record and INDEX_COLUMN not in inputs:
+            raise ValueError(
+                f"`grad_weight_record=True` needs each row's dataset index in the batch (key '{INDEX_COLUMN}'), which "
+                f"`DataCollatorForMultiRejectedPreference` adds; the batch has keys {sorted(inputs)}. Use the default "
+                "collator, or a collator that passes the 'dataset_index' column through."
+            )
+        pairs, index = gather_pair_values(
+            accelerator, torch.stack([weights, effective], dim=2), inputs[INDEX_COLUMN] if record else None
+        )
+        metrics = {
+            **weight_statistics(pairs[..., 0], GRAD_WEIGHT_PREFIX),
+            **weight_statistics(pairs[..., 1], EFFECTIVE_PREFIX),
+        }
+        if train and self.histogram is not None:
+            self.histogram.add(pairs[..., 0], pairs[..., 1])
+        if record and accelerator.is_main_process:
+            # The update this batch enters is step global_step + 1; a resumed run truncates the steps after its own
+            text = format_record(index, global_step + 1, int(epoch or 0), pairs[..., 0], pairs[..., 1])
+            append_record(self.record_path, text)
+        return metrics

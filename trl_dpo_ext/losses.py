@@ -339,9 +339,7 @@ def multi_rejected_loss(
     if loss_type in BATCH_SORTED_LOSS_TYPES:
         losses = aot_losses(loss_type, logps, beta=beta, label_smoothing=label_smoothing)
         return (losses if pair_weights is None else losses * pair_weights).squeeze(1)
-    if reduction in LISTWISE_REDUCTIONS:
-        if loss_type != "sigmoid":
-            raise ValueError(f"`rejected_reduction='{reduction}'` is a listwise form of 'sigmoid', not {loss_type!r}.")
+    if reduction in LISTWISE_REDUCTIONS:  # replaces the sigmoid loss (`LossSpec` checks that `loss_type` is it)
         return listwise_loss(
             reduction,
             logps,

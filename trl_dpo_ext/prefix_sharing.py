@@ -27,7 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from trl.trainer.utils import pad
+
+from ._trl_compat import attn_implementation, pad
 
 
 PAD_SEGMENT = -1
@@ -222,10 +223,16 @@ def unpack_outputs(outputs, inputs: dict[str, torch.Tensor]):
     return outputs
 
 
-def check_model_supports_prefix_sharing(model, name: str = "model") -> None:
-    """Raise if `model` (a `PreTrainedModel` or a PEFT model around one) cannot run the packed forward exactly."""
+def check_prefix_sharing(model, name: str = "model", aux_loss_enabled: bool = False) -> None:
+    """Raise if `model` (a `PreTrainedModel` or a PEFT model around one) cannot run the packed forward exactly, or
+    if a Mixture-of-Experts router loss is on (it reads a 2D attention mask)."""
     from accelerate.utils import is_peft_model
 
+    if aux_loss_enabled:
+        raise NotImplementedError(
+            "`prefix_sharing=True` does not support the router auxiliary loss of Mixture-of-Experts models yet "
+            "(it reads a 2D attention mask). Set `router_aux_loss_coef=0.0` or `prefix_sharing=False`."
+        )
     if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
         raise ValueError(
             f"Prefix sharing cannot be used with the prompt-learning PEFT method of the {name} "
@@ -233,7 +240,7 @@ def check_model_supports_prefix_sharing(model, name: str = "model") -> None:
             "mask. Use LoRA or another adapter method, or set `prefix_sharing=False`."
         )
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    implementation = getattr(config, "_attn_implementation", None)
+    implementation = attn_implementation(config)
     if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
         raise ValueError(
             f"Prefix sharing needs an attention implementation that takes a custom 4D attention mask, one of "

@@ -64,20 +64,12 @@ def _resolve_record(path: str | os.PathLike) -> Path:
 
 
 def _load_dataset(dataset: Any) -> Any:
-    """A `datasets.Dataset`, a list of dicts, or a path: a JSON/JSONL/CSV/Parquet file or a `save_to_disk` folder."""
+    """A `datasets.Dataset` or a list of dicts as given, or the `train` split of a path (see `load_preference_dataset`)."""
     if dataset is None or not isinstance(dataset, (str, os.PathLike)):
         return dataset
-    import datasets
+    from .convert import load_preference_dataset
 
-    path = Path(dataset)
-    if path.is_dir():
-        return datasets.load_from_disk(str(path))
-    builder = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-    if builder is None:
-        raise ValueError(
-            f"Unknown dataset file type {path.suffix!r} of {path}: expected .json, .jsonl, .csv, .parquet."
-        )
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    return load_preference_dataset(dataset, split="train")
 
 
 def _text(value: Any) -> str:

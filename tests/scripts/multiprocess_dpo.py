@@ -24,7 +24,7 @@ import torch
 from datasets import load_dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm
 
 
 # name -> DPOConfig fields of the setting (the K-rejected "mean" loss in all of them)
@@ -87,7 +87,7 @@ def _sft_logs(config: DPOConfig) -> list[dict]:
     """The SFT stage's logs, from the metadata saved with the reference (none without `ref_init`)."""
     if config.ref_init is None:
         return []
-    from trl_dpo_ext.ref_init import read_metadata, sft_reference_dir
+    from trl_dpo_ext.ref_identity import read_metadata, sft_reference_dir
 
     return (read_metadata(sft_reference_dir(config)) or {}).get("log_history", [])
 

@@ -21,14 +21,14 @@ from datasets import Dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from trl_dpo_ext import (  # noqa: E402
     DPOConfig,
     DPOTrainer,
     ref_init,  # noqa: E402
 )
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

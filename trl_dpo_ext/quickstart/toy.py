@@ -113,3 +113,24 @@ def flipped_preference_rows(
             }
         )
     return rows, flipped
+
+
+def cpu_training_args(output_dir: str, **overrides) -> dict:
+    """Keyword arguments of a `DPOConfig` (or `SFTConfig`) for a small offline run of a tiny model on a CPU.
+
+    No bf16, no activation checkpointing (recomputing a tiny model's activations only costs time), no reporting, no
+    checkpoints, no progress bars, no dataloader workers, seed 0; `overrides` replace any of them. The one helper
+    the tests, benchmarks, examples and the quickstart build their configs with.
+    """
+    kwargs = dict(
+        output_dir=output_dir,
+        report_to="none",
+        bf16=False,
+        activation_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return kwargs

@@ -1,10 +1,10 @@
 """The quickstart: SFT-on-chosen, then one-chosen-many-rejected DPO, on a task whose reward the code computes.
 
 ```bash
-pip install -e . && trl-dpo-ext quickstart          # or: python -m trl_dpo_ext.quickstart
+pip install -e . && trl-dpo-ext quickstart          # or: python -m trl_dpo_ext quickstart
 ```
 
-Everything is built offline: the preference data (`trl_dpo_ext.tasks.SortDigitsTask`, best-of-4 answers of a noisy
+Everything is built offline: the preference data (`trl_dpo_ext.quickstart.SortDigitsTask`, best-of-4 answers of a noisy
 annotator, each rated by the ground-truth reward), a character tokenizer and a tiny Llama from a config. The run
 
 1. initialises the reference by supervised fine-tuning on the chosen answers (SFT-on-chosen),
@@ -34,8 +34,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback
 
-from .tasks import SortDigitsTask
-from .toy import char_tokenizer, tiny_causal_lm
+from .task import SortDigitsTask
+from .toy import char_tokenizer, cpu_training_args, tiny_causal_lm
 
 
 @dataclass
@@ -159,19 +159,14 @@ def greedy_reward(
 
 def _train_args(config: QuickstartConfig, output_dir: str) -> dict:
     """Training arguments (the SFT stage takes them too): CPU-friendly, no checkpoints, progress bars on, logs off."""
-    return dict(
-        output_dir=output_dir,
+    return cpu_training_args(
+        output_dir,
         per_device_train_batch_size=config.batch_size,
         lr_scheduler_type="cosine",
         warmup_steps=10,
         logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
         seed=config.seed,
-        bf16=False,
-        activation_checkpointing=False,  # tiny model: recomputing activations only costs time
         use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
         disable_tqdm=False,
     )
 
@@ -184,8 +179,8 @@ def dpo_trainer(config: QuickstartConfig, rows: list[dict], tokenizer, output_di
     whose log-probs are computed once (`precompute_ref_log_probs`), so no second copy of the model is kept.
     `trainer.train()` then runs DPO.
     """
-    from .config import DPOConfig
-    from .trainer import DPOTrainer
+    from ..config import DPOConfig
+    from ..trainer import DPOTrainer
 
     args = DPOConfig(
         **_train_args(config, output_dir),

@@ -1,0 +1,125 @@
+"""Every TRL and transformers internal that trl_dpo_ext relies on, in one place.
+
+TRL's `DPOTrainer` is not built to be extended for several rejected per row, so the package overrides a few of its
+private methods and reads a few private attributes. They all go through this module, each with a line on what it
+relies on, so that a new TRL release is checked here and in `tests/test_trl_compat.py` (which asserts that every item
+below still exists), not across the package. `docs/compatibility.md` lists the same surface.
+
+At import, a TRL version outside `TESTED_TRL_VERSIONS` gives one warning naming the tested versions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import trl
+from packaging.version import Version
+
+# Helpers of TRL that are not in its top-level API:
+# - `_tokenize(processing_class, text_or_messages, **kw)` -> {"input_ids": ...}: tokenizes plain text, or applies the
+#   chat template to messages, exactly as TRL's own dataset preparation does.
+# - `common_prefix_length(a, b)`: TRL's rule for where the completion starts after the tokenized prompt.
+from trl.data_utils import _tokenize as tokenize  # noqa: F401
+from trl.data_utils import common_prefix_length  # noqa: F401
+
+# - `disable_gradient_checkpointing(model, kwargs)`: a context manager TRL uses around its reference forward.
+from trl.models.utils import disable_gradient_checkpointing  # noqa: F401
+
+# - `pad(tensors, padding_value, padding_side, pad_to_multiple_of)`: TRL's collator padding.
+# - `get_config_model_id(config)`: the model id TRL names a default output folder and processor after.
+# - `global_then_local_main_first()`: the context TRL's dataset preparation runs in across processes.
+# - `use_adapter(model, adapter_name)`: TRL's switch to the "ref" adapter (or none) of a PEFT policy.
+# - `create_model_from_path(path, **kwargs)`: how TRL loads a model from a path with `model_init_kwargs`.
+from trl.trainer.utils import (  # noqa: F401
+    create_model_from_path,
+    get_config_model_id,
+    global_then_local_main_first,
+    pad,
+    use_adapter,
+)
+
+
+# The TRL versions the test suite has passed with (pyproject.toml pins the range `trl>=1.16,<2`)
+TESTED_TRL_VERSIONS = ("1.16",)
+
+# Private methods of `trl.DPOTrainer` that `trl_dpo_ext.DPOTrainer` overrides, and why (one line each):
+OVERRIDDEN_DPO_METHODS = {
+    "_prepare_dataset": "TRL's tokenizes exactly one rejected string per row, inside a closure.",
+    "_precompute_ref_logps": "a wrapper: reuse given reference columns, pad K to the dataset's largest, check NaN.",
+    "_compute_loss": "TRL's splits every batch into exactly two halves [chosen; rejected].",
+    "_set_signature_columns_if_needed": "keep the `scores` and `dataset_index` columns the collator reads.",
+    "compute_ref_log_probs": "public, but TRL's also splits the batch into two halves.",
+}
+
+# Attributes that `trl.DPOTrainer.__init__` sets and the overrides read (besides `transformers.Trainer`'s public ones)
+DPO_INIT_ATTRIBUTES = ("ref_model", "precompute_ref_logps", "aux_loss_enabled", "router_aux_loss_coef")
+
+# Private attributes of TRL's trainers that are read or written:
+# - `trainer._metrics[mode][key]`: a list per metric, averaged by TRL's `log()` (DPOTrainer and SFTTrainer).
+# - `trainer._total_train_tokens`, `trainer._tp_size`: DPOTrainer's running `num_tokens` count.
+# - `trainer._tokenizer`: the tokenizer of the processing class (TRL sets it in `__init__`).
+# - `trainer._signature_columns`: the columns `remove_unused_columns` keeps (transformers.Trainer).
+# - `config._attn_implementation`: the attention implementation a model was loaded with (transformers).
+PRIVATE_TRAINER_ATTRIBUTES = ("_metrics", "_total_train_tokens", "_tp_size", "_tokenizer")
+
+
+def metrics_of(trainer, mode: str) -> dict[str, list[float]]:
+    """TRL's per-mode metric store: `log()` averages each list and clears it."""
+    return trainer._metrics[mode]
+
+
+def prefix_metrics(trainer, mode: str, prefix: str) -> None:
+    """Rename every metric of `mode` to `prefix + key` (the SFT stage logs under `sft_ref/`)."""
+    trainer._metrics[mode] = defaultdict(list, {f"{prefix}{k}": v for k, v in trainer._metrics[mode].items()})
+
+
+def clear_metrics(trainer, mode: str) -> None:
+    trainer._metrics[mode] = defaultdict(list)
+
+
+def add_train_tokens(trainer, num_tokens: int) -> int:
+    """Add the tokens of one step (summed over processes) to TRL's running count, as TRL does; returns the total."""
+    trainer._total_train_tokens += num_tokens // trainer._tp_size
+    return trainer._total_train_tokens
+
+
+def total_train_tokens(trainer) -> int:
+    return trainer._total_train_tokens
+
+
+def tokenizer_of(trainer):
+    return trainer._tokenizer
+
+
+def extend_signature_columns(trainer, columns: list[str]) -> None:
+    trainer._signature_columns = [*trainer._signature_columns, *columns]
+
+
+def attn_implementation(model_or_config) -> str | None:
+    """The attention implementation a model (or a model config) runs with: `"sdpa"`, `"eager"`, `"flex_attention"`."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "_attn_implementation", None)
+
+
+def check_trl_version(version: str | None = None) -> bool:
+    """Warn once if the installed TRL is not one of `TESTED_TRL_VERSIONS`; returns whether it is."""
+    version = trl.__version__ if version is None else version
+    release = Version(version).release
+    tested = any(release[:2] == Version(v).release[:2] for v in TESTED_TRL_VERSIONS)
+    if not tested:
+        warnings.warn(
+            f"trl_dpo_ext overrides private methods of trl.DPOTrainer and was tested with TRL "
+            f"{', '.join(v + '.x' for v in TESTED_TRL_VERSIONS)}; TRL {version} is installed. If training fails or "
+            "its numbers look wrong, install a tested version (see docs/compatibility.md).",
+            stacklevel=2,
+        )
+    return tested
+
+
+def missing_surface() -> list[str]:
+    """The items of the surface above that the installed TRL lacks (class-level checks; an empty list is healthy)."""
+    return [f"trl.DPOTrainer.{name}" for name in OVERRIDDEN_DPO_METHODS if not hasattr(trl.DPOTrainer, name)]
+
+
+check_trl_version()

@@ -1,0 +1,143 @@
+"""`DataCollatorForMultiRejectedPreference`: one padded batch of B chosen and Σ K_i rejected sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import ProcessorMixin
+from transformers.data.data_collator import DataCollatorMixin
+
+from ._trl_compat import pad
+from .data import INDEX_COLUMN, rejected_ids_as_list
+from .prefix_sharing import pack_preference_batch
+
+
+@dataclass
+class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
+    """
+    Collate rows of one chosen and K_i rejected into one padded batch of B + Σ K_i sequences.
+
+    Each example holds `"prompt_ids"`, `"chosen_ids"` and `"rejected_ids"` (a list of K_i token lists). Rows of the
+    output are the B chosen sequences (prompt + chosen), then every rejected sequence (prompt + rejected_k), example
+    by example. With K_i = 1 for all rows, `input_ids`, `attention_mask` and `completion_mask` are exactly those of
+    `trl.trainer.dpo_trainer.DataCollatorForPreference`. Besides them it returns:
+
+    - `"rejected_mask"`: bool [B, K_max], True where example i has a k-th rejected;
+    - `"ref_chosen_logps"` [B] and `"ref_rejected_logps"` [B, K_max] (0 where absent), when the examples carry them;
+    - `"scores"` [B, 1 + K_max] (the chosen's first; 0 where absent), when the examples carry them;
+    - `"dataset_index"` [B] (long), each row's position in the training dataset, when the examples carry it (it is
+      not a model input).
+
+    Args:
+        pad_token_id (`int`): token used for padding.
+        max_length (`int`, *optional*): each sequence is truncated to this length before padding.
+        truncation_mode (`str`, *optional*, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"`.
+        pad_to_multiple_of (`int`, *optional*): pad the length to a multiple of this value.
+        prefix_sharing (`bool`, *optional*, defaults to `False`): also pack each example as one row [prompt |
+            chosen | rejected_1 | …]: the batch then holds `packed_input_ids`, `packed_position_ids`,
+            `packed_segment_ids`, `packed_completion_mask` [B, L_p] and `unpack_index` besides the unshared keys
+            (see `trl_dpo_ext.prefix_sharing.pack_preference_batch`).
+
+    Examples:
+    ```python
+    >>> collator = DataCollatorForMultiRejectedPreference(pad_token_id=0)
+    >>> collator([
+    ...     {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [[4, 5], [6]]},
+    ...     {"prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [[10]]},
+    ... ])
+    {'input_ids': tensor([[ 1,  2,  3,  0],    # chosen of example 0
+                          [ 7,  8,  9,  0],    # chosen of example 1
+                          [ 1,  2,  4,  5],    # rejected 0 of example 0
+                          [ 1,  2,  6,  0],    # rejected 1 of example 0
+                          [ 7, 10,  0,  0]]),  # rejected 0 of example 1
+     'attention_mask': ..., 'completion_mask': ...,
+     'rejected_mask': tensor([[ True,  True],
+                              [ True, False]])}
+    ```
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+    prefix_sharing: bool = False
+
+    @classmethod
+    def from_config(cls, args, processing_class) -> DataCollatorForMultiRejectedPreference:
+        """The collator a `DPOConfig` asks for; a tokenizer without a pad token pads with EOS, as TRL."""
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            prefix_sharing=getattr(args, "prefix_sharing", False),
+        )
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rejected = [rejected_ids_as_list(example["rejected_ids"], i) for i, example in enumerate(examples)]
+        sequences, completion_masks = [], []
+        for example in examples:
+            sequences.append(example["prompt_ids"] + example["chosen_ids"])
+            completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(example["chosen_ids"]))
+        for example, rejected_ids in zip(examples, rejected, strict=True):
+            for ids in rejected_ids:
+                sequences.append(example["prompt_ids"] + ids)
+                completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(ids))
+
+        if self.max_length is not None:
+            if self.truncation_mode == "keep_start":
+                sl = slice(None, self.max_length)
+            elif self.truncation_mode == "keep_end":
+                sl = slice(-self.max_length, None)
+            else:
+                raise ValueError(
+                    f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'"
+                )
+            sequences = [ids[sl] for ids in sequences]
+            completion_masks = [m[sl] for m in completion_masks]
+
+        def padded(rows: list[list[int]], value: int) -> torch.Tensor:
+            tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
+            return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        num_rejected = [len(r) for r in rejected]
+        max_rejected = max(num_rejected)
+        output = {
+            "input_ids": padded(sequences, self.pad_token_id),
+            "attention_mask": padded([[1] * len(ids) for ids in sequences], 0),
+            "completion_mask": padded(completion_masks, 0),
+            "rejected_mask": torch.arange(max_rejected)[None, :] < torch.tensor(num_rejected)[:, None],
+        }
+        if "scores" in examples[0]:
+            scores = torch.zeros(len(examples), 1 + max_rejected)
+            for i, example in enumerate(examples):
+                scores[i, : len(example["scores"])] = torch.tensor(example["scores"])
+            output["scores"] = scores
+        if INDEX_COLUMN in examples[0]:
+            output[INDEX_COLUMN] = torch.tensor([example[INDEX_COLUMN] for example in examples], dtype=torch.long)
+        if self.prefix_sharing:  # one packed row per example, forwarded instead of the unshared `input_ids`
+            packed = pack_preference_batch(
+                examples,
+                rejected,
+                self.pad_token_id,
+                output["completion_mask"].size(1),
+                self.max_length,
+                self.truncation_mode,
+                self.pad_to_multiple_of,
+            )
+            output.update(packed)
+        if "ref_chosen_logps" in examples[0]:
+            output["ref_chosen_logps"] = torch.tensor([float(example["ref_chosen_logps"]) for example in examples])
+        if "ref_rejected_logps" in examples[0]:
+            ref_rejected = torch.zeros(len(examples), max_rejected)
+            for i, (example, k) in enumerate(zip(examples, num_rejected, strict=True)):
+                values = example["ref_rejected_logps"]
+                ref_rejected[i, :k] = torch.tensor(values[:k] if isinstance(values, list) else [values])
+            output["ref_rejected_logps"] = ref_rejected
+        return output

@@ -1,0 +1,4 @@
+from .demo import main
+
+
+raise SystemExit(main())
