@@ -125,7 +125,7 @@ OTHER_CONFIGS = {
     "wpo_weighting": {"use_weighting": True},
     "sigmoid_sft": {"loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 0.2]},
     "truncated": {"max_length": 7},
-    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "gradient_checkpointing": {"activation_checkpointing": True},
 }
 
 

@@ -211,7 +211,7 @@ def test_precomputed_reference_log_probs_are_one_chosen_and_k_rejected_per_row(t
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer, tmp_path):
     plain = trainer_for(tokenizer, tmp_path / "plain")
-    checkpointed = trainer_for(tokenizer, tmp_path / "gc", gradient_checkpointing=True)
+    checkpointed = trainer_for(tokenizer, tmp_path / "gc", activation_checkpointing=True)
     loss, grads = loss_and_grads(checkpointed)
     expected_loss, expected_grads = loss_and_grads(plain)
     torch.testing.assert_close(loss, expected_loss)

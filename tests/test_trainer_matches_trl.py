@@ -35,7 +35,7 @@ def trl_trainer(tokenizer, rows, tmp_path, **config):
         output_dir=str(tmp_path / "trl"),
         report_to="none",
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         **config,
     )
     return trl.DPOTrainer(
