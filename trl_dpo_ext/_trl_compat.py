@@ -102,6 +102,17 @@ def attn_implementation(model_or_config) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+def multimodal_rope_index(model):
+    """`get_rope_index` of a model whose tokens have 3D (multimodal) RoPE positions, or None.
+
+    transformers' Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) has it on the inner `model` (a public method, but one that
+    only that family has): `get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=..., attention_mask=...)`
+    returns the [3, B, L] positions the model itself computes when none are given. A PEFT model is looked through.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "model", None), "get_rope_index", None)
+
+
 def check_trl_version(version: str | None = None) -> bool:
     """Warn once if the installed TRL is not one of `TESTED_TRL_VERSIONS`; returns whether it is."""
     version = trl.__version__ if version is None else version

@@ -32,25 +32,38 @@ def model_inputs(inputs: dict) -> dict:
     return {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
 
 
-def fused_forward(model, inputs: dict, attn_implementation: str | None, output_router_logits: bool = False):
+def fused_forward(
+    model,
+    inputs: dict,
+    attn_implementation: str | None,
+    output_router_logits: bool = False,
+    extra_inputs: dict | None = None,
+):
     """The fused-LM-head forward of the batch: per-token log-probs (and entropy, mean logits, top-1) of the
-    completion labels; the prompt and padding are labelled −100."""
+    completion labels; the prompt and padding are labelled −100. `extra_inputs` (the image inputs of image rows,
+    `trl_dpo_ext.vision.image_model_inputs`) go to the model as they are, in either layout."""
     model_kwargs = {**model_inputs(inputs), "use_cache": False}
     if output_router_logits:
         model_kwargs["output_router_logits"] = True
     if "packed_input_ids" not in inputs:
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return model(**model_kwargs, labels=labels, fused_lm_head=True)
+        return model(**model_kwargs, **(extra_inputs or {}), labels=labels, fused_lm_head=True)
     packed_kwargs, packed_labels = packed_model_inputs(inputs, attn_implementation)
-    outputs = model(**{**model_kwargs, **packed_kwargs}, labels=packed_labels, fused_lm_head=True)
+    outputs = model(
+        **{**model_kwargs, **packed_kwargs, **(extra_inputs or {})}, labels=packed_labels, fused_lm_head=True
+    )
     return unpack_outputs(outputs, inputs)
 
 
 def per_token_logps(
-    model, inputs: dict, attn_implementation: str | None, output_router_logits: bool = False
+    model,
+    inputs: dict,
+    attn_implementation: str | None,
+    output_router_logits: bool = False,
+    extra_inputs: dict | None = None,
 ) -> tuple[torch.Tensor, object]:
     """Per-token log-probs [B + R, L − 1] of the batch's labels, and the model's outputs."""
-    outputs = fused_forward(model, inputs, attn_implementation, output_router_logits)
+    outputs = fused_forward(model, inputs, attn_implementation, output_router_logits, extra_inputs)
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
     seq_len = inputs["completion_mask"].size(1) - 1
     return outputs.log_probs[:, -seq_len:], outputs

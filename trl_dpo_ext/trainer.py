@@ -19,6 +19,7 @@ import torch
 import trl
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
+from transformers import ProcessorMixin
 
 from ._trl_compat import (
     add_train_tokens,
@@ -45,6 +46,14 @@ from .forward import (
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .prefix_sharing import check_prefix_sharing
+from .vision import (
+    DataCollatorForMultiRejectedVisionPreference,
+    check_image_datasets,
+    check_image_prefix_sharing,
+    image_model_inputs,
+    is_image_row,
+    with_index_column,
+)
 
 
 logger = get_logger(__name__)
@@ -97,18 +106,19 @@ class DPOTrainer(trl.DPOTrainer):
         self.loss_spec = LossSpec.from_config(args)
         self.rejected_reduction = self.loss_spec.reduction
 
-        if train_dataset is not None and isinstance(train_dataset, (Dataset, IterableDataset)):
-            first = next(iter(train_dataset))
-            if "image" in first or "images" in first:
-                raise NotImplementedError(
-                    "Vision-language preference data is not supported by trl_dpo_ext yet. Use `trl.DPOTrainer` for it."
-                )
+        # Image rows are rendered and processed batch by batch, as TRL does (see `trl_dpo_ext.vision`)
+        self._image_rows = isinstance(train_dataset, (Dataset, IterableDataset)) and is_image_row(
+            next(iter(train_dataset))
+        )
 
         if data_collator is None:
             # The parent builds its pairwise collator when none is given; build the K-rejected one instead, which
             # needs the tokenizer's pad token, so load the processing class now as the parent would
             processing_class = processing_class or load_processing_class(model, args)
-            data_collator = DataCollatorForMultiRejectedPreference.from_config(args, processing_class)
+            if not self._image_rows:
+                data_collator = DataCollatorForMultiRejectedPreference.from_config(args, processing_class)
+            elif isinstance(processing_class, ProcessorMixin):  # with a tokenizer, TRL raises its text-model error
+                data_collator = DataCollatorForMultiRejectedVisionPreference.from_config(args, processing_class)
 
         if getattr(args, "ref_init", None) is not None:
             # Seed § 3.4: with no π_SFT, fine-tune on (prompt, chosen) first; the saved result is both the policy's
@@ -143,6 +153,14 @@ class DPOTrainer(trl.DPOTrainer):
             check_prefix_sharing(self.model, "model", self.aux_loss_enabled)
             if self.ref_model is not None:
                 check_prefix_sharing(self.ref_model, "ref_model")
+        if self._image_rows:  # TRL leaves image rows unprepared: check them here
+            eval_datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+            check_image_datasets({"train": self.train_dataset, **eval_datasets}, args, self.loss_spec)
+            if getattr(args, "grad_weight_record", False):
+                self.train_dataset = with_index_column(self.train_dataset)
+            if prefix_sharing:
+                models = {"model": self.model, "ref_model": self.ref_model}
+                check_image_prefix_sharing({k: m for k, m in models.items() if m is not None}, compute_metrics)
         self.grad_weight_diagnostics = GradWeightDiagnostics(
             self.loss_spec,
             self.args.report_to,
@@ -195,11 +213,12 @@ class DPOTrainer(trl.DPOTrainer):
     def _per_token_logps(self, model, inputs, reference: bool):
         """Per-token log-probs of the batch under the policy, or under the reference (see `forward.py`)."""
         implementation = attn_implementation(self.accelerator.unwrap_model(model))
+        extra = image_model_inputs(inputs, self.accelerator.unwrap_model(model)) if self._image_rows else None
         if not reference:
-            return per_token_logps(model, inputs, implementation, output_router_logits=self.aux_loss_enabled)
+            return per_token_logps(model, inputs, implementation, self.aux_loss_enabled, extra)
         unwrapped = self.accelerator.unwrap_model(self.model)
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
-            return per_token_logps(model, inputs, implementation)
+            return per_token_logps(model, inputs, implementation, extra_inputs=extra)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch: the chosen [B] and the rejected [B, K] (NaN-padded)."""
@@ -257,8 +276,9 @@ class DPOTrainer(trl.DPOTrainer):
                 FutureWarning,
                 stacklevel=2,
             )
+            extra = image_model_inputs(inputs, self.accelerator.unwrap_model(model)) if self._image_rows else {}
             with torch.no_grad():
-                outputs = model(**model_inputs(inputs))
+                outputs = model(**model_inputs(inputs), **extra)
         return (loss, outputs) if return_outputs else loss
 
     def _log_metrics(self, mode: str, inputs, outputs, logps) -> None:

@@ -1,0 +1,164 @@
+"""Offline tiny vision-language models: a LLaVA and a Qwen2.5-VL built from a config, with a processor built locally.
+
+Nothing here downloads anything. Each processor pairs an image processor constructed from its arguments with the
+character tokenizer of `trl_dpo_ext.toy` (plus the model's image tokens) and a ChatML template that renders image
+parts, so that 16 × 16 images become 16 image tokens (LLaVA) or 4 (Qwen2.5-VL). The tests and the vision benchmark
+use these as TRL's tests use its `trl-internal-testing/tiny-*` checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from .toy import char_tokenizer
+
+
+IMAGE_SIZE = 16
+VLM_FAMILIES = ("llava", "qwen2_5_vl")
+# The text each family's chat template writes for one image part (the processor expands it to the image's tokens)
+IMAGE_PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def vlm_chat_template(image_placeholder: str) -> str:
+    """ChatML whose message contents may be a string or a list of `{"type": "text" | "image"}` parts."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_placeholder + "{% else %}"
+        "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def tiny_vlm_processor(family: str) -> ProcessorMixin:
+    """The processor of `tiny_vlm(family)`: a local image processor, the character tokenizer and a chat template."""
+    template = vlm_chat_template(IMAGE_PLACEHOLDERS[family])
+    tokenizer = char_tokenizer(template)
+    if family == "llava":
+        from transformers import LlavaProcessor
+        from transformers.models.clip import CLIPImageProcessorPil
+
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=4,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+            chat_template=template,
+        )
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer.add_tokens(list(QWEN_VISION_TOKENS), special_tokens=True)
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4 * IMAGE_SIZE**2
+        )
+        return _image_only_qwen2_5_vl_processor(image_processor, tokenizer, template)
+    raise ValueError(f"Unknown family {family!r}, expected one of {list(VLM_FAMILIES)}.")
+
+
+def _image_only_qwen2_5_vl_processor(image_processor, tokenizer, chat_template: str) -> ProcessorMixin:
+    """`Qwen2_5_VLProcessor` without its video processor, which needs torchvision (not a dependency here)."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # Qwen2_5_VLProcessor.__init__ sets these four, then requires a video processor
+            self.image_token, self.video_token = QWEN_VISION_TOKENS[1], QWEN_VISION_TOKENS[3]
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+
+
+def tiny_vlm(processor: ProcessorMixin, family: str, seed: int = 0, hidden_size: int = 32) -> PreTrainedModel:
+    """A randomly initialised LLaVA (CLIP + Llama) or Qwen2.5-VL for `processor`; the same `seed` gives the same
+    weights, in a fresh model, in float32."""
+    tokenizer = processor.tokenizer
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    if family == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        config = LlavaConfig(
+            text_config={"model_type": "llama", **text},
+            vision_config=dict(
+                model_type="clip_vision_model",
+                image_size=IMAGE_SIZE,
+                patch_size=4,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            ),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+        model_class = LlavaForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        ids = tokenizer.convert_tokens_to_ids
+        head_dim = hidden_size // text["num_attention_heads"]
+        mrope_section = [head_dim // 4, head_dim // 8, head_dim // 8]  # temporal, height, width; sums to head_dim / 2
+        config = Qwen2_5_VLConfig(
+            text_config={**text, "rope_parameters": {"rope_type": "default", "mrope_section": mrope_section}},
+            vision_config=dict(
+                depth=2,
+                hidden_size=16,
+                intermediate_size=32,
+                num_heads=4,
+                out_hidden_size=hidden_size,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=16,
+                fullatt_block_indexes=[1],
+            ),
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=False,
+        )
+        model_class = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"Unknown family {family!r}, expected one of {list(VLM_FAMILIES)}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.float()
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The image encoder of a model built by `tiny_vlm` (LLaVA's CLIP tower, Qwen2.5-VL's `visual`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
+
+
+def toy_image(seed: int, size: int = IMAGE_SIZE):
+    """A `size` × `size` RGB image of seeded random pixels, so that different images give different features."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
