@@ -1,8 +1,8 @@
-"""Offline tiny vision-language models: a LLaVA and a Qwen2.5-VL built from a config, with a processor built locally.
+"""Offline tiny vision-language models: LLaVA, Qwen2.5-VL and Gemma 3 built from a config, with a local processor.
 
 Nothing here downloads anything. Each processor pairs an image processor constructed from its arguments with the
 character tokenizer of `trl_dpo_ext.toy` (plus the model's image tokens) and a ChatML template that renders image
-parts, so that 16 × 16 images become 16 image tokens (LLaVA) or 4 (Qwen2.5-VL). The tests and the vision benchmark
+parts, so that 16 × 16 images become 16 image tokens (LLaVA) or 4 (Qwen2.5-VL, Gemma 3). The tests and the vision benchmark
 use these as TRL's tests use its `trl-internal-testing/tiny-*` checkpoints.
 """
 
@@ -15,10 +15,19 @@ from .toy import char_tokenizer
 
 
 IMAGE_SIZE = 16
-VLM_FAMILIES = ("llava", "qwen2_5_vl")
+VLM_FAMILIES = ("llava", "qwen2_5_vl", "gemma3")
 # The text each family's chat template writes for one image part (the processor expands it to the image's tokens)
-IMAGE_PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+IMAGE_PLACEHOLDERS = {
+    "llava": "<image>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "gemma3": "<start_of_image>",
+}
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+GEMMA3_VISION_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
 
 
 def vlm_chat_template(image_placeholder: str) -> str:
@@ -60,6 +69,20 @@ def tiny_vlm_processor(family: str) -> ProcessorMixin:
             patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4 * IMAGE_SIZE**2
         )
         return _image_only_qwen2_5_vl_processor(image_processor, tokenizer, template)
+    if family == "gemma3":
+        from transformers import Gemma3Processor, PreTrainedTokenizerFast
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        tokenizer.add_tokens(list(GEMMA3_VISION_TOKENS.values()), special_tokens=True)
+        # Gemma3Processor reads the image tokens as named attributes of the tokenizer
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.backend_tokenizer,
+            **{name: getattr(tokenizer, name) for name in ("pad_token", "eos_token", "bos_token", "unk_token")},
+            extra_special_tokens=GEMMA3_VISION_TOKENS,
+        )
+        tokenizer.chat_template = template
+        image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        return Gemma3Processor(image_processor, tokenizer, chat_template=template, image_seq_length=4)
     raise ValueError(f"Unknown family {family!r}, expected one of {list(VLM_FAMILIES)}.")
 
 
@@ -78,9 +101,11 @@ def _image_only_qwen2_5_vl_processor(image_processor, tokenizer, chat_template: 
     return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=chat_template)
 
 
-def tiny_vlm(processor: ProcessorMixin, family: str, seed: int = 0, hidden_size: int = 32) -> PreTrainedModel:
-    """A randomly initialised LLaVA (CLIP + Llama) or Qwen2.5-VL for `processor`; the same `seed` gives the same
-    weights, in a fresh model, in float32."""
+def tiny_vlm(
+    processor: ProcessorMixin, family: str, seed: int = 0, hidden_size: int = 32, **text_config
+) -> PreTrainedModel:
+    """A randomly initialised LLaVA (CLIP + Llama), Qwen2.5-VL or Gemma 3 (SigLIP + Gemma 3) for `processor`; the
+    same `seed` gives the same weights, in a fresh model, in float32. `text_config` overrides the text model's."""
     tokenizer = processor.tokenizer
     text = dict(
         vocab_size=len(tokenizer),
@@ -92,6 +117,7 @@ def tiny_vlm(processor: ProcessorMixin, family: str, seed: int = 0, hidden_size:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        **text_config,
     )
     if family == "llava":
         from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -140,6 +166,27 @@ def tiny_vlm(processor: ProcessorMixin, family: str, seed: int = 0, hidden_size:
             tie_word_embeddings=False,
         )
         model_class = Qwen2_5_VLForConditionalGeneration
+    elif family == "gemma3":
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        config = Gemma3Config(
+            text_config={"head_dim": hidden_size // text["num_attention_heads"], **text},
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                image_size=IMAGE_SIZE,
+                patch_size=4,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            ),
+            mm_tokens_per_image=4,  # 4 × 4 patches pooled to 2 × 2
+            boi_token_index=tokenizer.boi_token_id,
+            eoi_token_index=tokenizer.eoi_token_id,
+            image_token_index=tokenizer.image_token_id,
+            tie_word_embeddings=False,
+        )
+        model_class = Gemma3ForConditionalGeneration
     else:
         raise ValueError(f"Unknown family {family!r}, expected one of {list(VLM_FAMILIES)}.")
     with torch.random.fork_rng(devices=[]):
@@ -149,7 +196,7 @@ def tiny_vlm(processor: ProcessorMixin, family: str, seed: int = 0, hidden_size:
 
 
 def vision_tower(model) -> torch.nn.Module:
-    """The image encoder of a model built by `tiny_vlm` (LLaVA's CLIP tower, Qwen2.5-VL's `visual`)."""
+    """The image encoder of a model built by `tiny_vlm` (LLaVA's and Gemma 3's `vision_tower`, Qwen2.5-VL's `visual`)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = inner.model
     return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
