@@ -349,7 +349,10 @@ def preference_to_sft_dataset(
         )
     first = next(iter(dataset))
     if "image" in first or "images" in first:
-        raise NotImplementedError("Vision-language preference data is not supported by `ref_init`.")
+        raise NotImplementedError(
+            "`ref_init` does not support image rows yet. Train the SFT reference on (prompt, images, chosen) with "
+            "`trl.SFTTrainer`, pass it as `model`, and leave `ref_init=None`."
+        )
     column_names = dataset.column_names or list(first)
     tokenized, missing = missing_columns(column_names)
     if missing:
