@@ -1,7 +1,7 @@
 """Offline tiny vision-language models: LLaVA, Qwen2.5-VL and Gemma 3 built from a config, with a local processor.
 
 Nothing here downloads anything. Each processor pairs an image processor constructed from its arguments with the
-character tokenizer of `trl_dpo_ext.toy` (plus the model's image tokens) and a ChatML template that renders image
+character tokenizer of `trl_dpo_ext.quickstart.toy` (plus the model's image tokens) and a ChatML template that renders image
 parts, so that 16 × 16 images become 16 image tokens (LLaVA) or 4 (Qwen2.5-VL, Gemma 3). The tests and the vision benchmark
 use these as TRL's tests use its `trl-internal-testing/tiny-*` checkpoints.
 """
@@ -41,8 +41,10 @@ def vlm_chat_template(image_placeholder: str) -> str:
     )
 
 
-def tiny_vlm_processor(family: str) -> ProcessorMixin:
-    """The processor of `tiny_vlm(family)`: a local image processor, the character tokenizer and a chat template."""
+def tiny_vlm_processor(family: str, image_size: int = IMAGE_SIZE) -> ProcessorMixin:
+    """The processor of `tiny_vlm(family)`: a local image processor, the character tokenizer and a chat template.
+
+    Images are resized to `image_size` × `image_size` (a multiple of 8), cut in 4 × 4 patches."""
     template = vlm_chat_template(IMAGE_PLACEHOLDERS[family])
     tokenizer = char_tokenizer(template)
     if family == "llava":
@@ -51,7 +53,7 @@ def tiny_vlm_processor(family: str) -> ProcessorMixin:
 
         tokenizer.add_tokens(["<image>"], special_tokens=True)
         image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
         return LlavaProcessor(
             image_processor=image_processor,
@@ -66,7 +68,7 @@ def tiny_vlm_processor(family: str) -> ProcessorMixin:
 
         tokenizer.add_tokens(list(QWEN_VISION_TOKENS), special_tokens=True)
         image_processor = Qwen2VLImageProcessorPil(
-            patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4 * IMAGE_SIZE**2
+            patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=image_size**2
         )
         return _image_only_qwen2_5_vl_processor(image_processor, tokenizer, template)
     if family == "gemma3":
@@ -81,7 +83,7 @@ def tiny_vlm_processor(family: str) -> ProcessorMixin:
             extra_special_tokens=GEMMA3_VISION_TOKENS,
         )
         tokenizer.chat_template = template
-        image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
         return Gemma3Processor(image_processor, tokenizer, chat_template=template, image_seq_length=4)
     raise ValueError(f"Unknown family {family!r}, expected one of {list(VLM_FAMILIES)}.")
 
@@ -102,10 +104,19 @@ def _image_only_qwen2_5_vl_processor(image_processor, tokenizer, chat_template: 
 
 
 def tiny_vlm(
-    processor: ProcessorMixin, family: str, seed: int = 0, hidden_size: int = 32, **text_config
+    processor: ProcessorMixin,
+    family: str,
+    seed: int = 0,
+    hidden_size: int = 32,
+    image_size: int = IMAGE_SIZE,
+    vision_hidden_size: int = 16,
+    vision_layers: int = 2,
+    **text_config,
 ) -> PreTrainedModel:
-    """A randomly initialised LLaVA (CLIP + Llama), Qwen2.5-VL or Gemma 3 (SigLIP + Gemma 3) for `processor`; the
-    same `seed` gives the same weights, in a fresh model, in float32. `text_config` overrides the text model's."""
+    """A randomly initialised LLaVA (CLIP + Llama), Qwen2.5-VL or Gemma 3 (SigLIP + Gemma 3) for `processor` (built
+    with the same `image_size`); the same `seed` gives the same weights, in a fresh model, in float32.
+    `text_config` overrides the text model's."""
+    vision = dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size)
     tokenizer = processor.tokenizer
     text = dict(
         vocab_size=len(tokenizer),
@@ -117,8 +128,8 @@ def tiny_vlm(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **text_config,
     )
+    text.update(text_config)
     if family == "llava":
         from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -126,12 +137,11 @@ def tiny_vlm(
             text_config={"model_type": "llama", **text},
             vision_config=dict(
                 model_type="clip_vision_model",
-                image_size=IMAGE_SIZE,
+                image_size=image_size,
                 patch_size=4,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
+                num_hidden_layers=vision_layers,
                 num_attention_heads=4,
+                **vision,
             ),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-1,
@@ -148,16 +158,15 @@ def tiny_vlm(
         config = Qwen2_5_VLConfig(
             text_config={**text, "rope_parameters": {"rope_type": "default", "mrope_section": mrope_section}},
             vision_config=dict(
-                depth=2,
-                hidden_size=16,
-                intermediate_size=32,
+                depth=vision_layers,
                 num_heads=4,
+                **vision,
                 out_hidden_size=hidden_size,
                 patch_size=4,
                 spatial_merge_size=2,
                 temporal_patch_size=2,
                 window_size=16,
-                fullatt_block_indexes=[1],
+                fullatt_block_indexes=[vision_layers - 1],
             ),
             image_token_id=ids("<|image_pad|>"),
             video_token_id=ids("<|video_pad|>"),
@@ -173,14 +182,13 @@ def tiny_vlm(
             text_config={"head_dim": hidden_size // text["num_attention_heads"], **text},
             vision_config=dict(
                 model_type="siglip_vision_model",
-                image_size=IMAGE_SIZE,
+                image_size=image_size,
                 patch_size=4,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
+                num_hidden_layers=vision_layers,
                 num_attention_heads=4,
+                **vision,
             ),
-            mm_tokens_per_image=4,  # 4 × 4 patches pooled to 2 × 2
+            mm_tokens_per_image=4,  # the patches pooled to 2 × 2
             boi_token_index=tokenizer.boi_token_id,
             eoi_token_index=tokenizer.eoi_token_id,
             image_token_index=tokenizer.image_token_id,
