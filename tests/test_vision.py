@@ -280,3 +280,24 @@ def test_bad_image_row_is_named_before_training(tmp_path):
     rows[1]["rejected"] = []
     with pytest.raises(ValueError, match=r"Row 1, column 'rejected'.*\(in the train dataset\)"):
         ext_trainer("llava", rows, tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:`return_outputs=True`:FutureWarning")
+def test_compute_metrics_on_image_rows_gets_the_logits_of_each_sequence_with_its_image(tmp_path):
+    rows = image_rows(num_rejected=(1, 2, 3))
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["logits"] = torch.as_tensor(prediction.predictions)
+        return {}
+
+    trainer = ext_trainer("llava", rows, tmp_path, compute_metrics=compute_metrics, per_device_eval_batch_size=3)
+    trainer.evaluate(Dataset.from_list(rows))
+    assert seen["logits"].size(0) == sum(1 + len(row["rejected"]) for row in rows)
+    # The last sequence is the third rejected of row 2: its logits are those of a plain forward with row 2's image
+    processor, row = trainer.processing_class, rows[2]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["prompt"][0]["content"]}]}]
+    text = processor.apply_chat_template(prompt + row["rejected"][2], tokenize=False)
+    with torch.no_grad():
+        expected = trainer.model(**processor(images=row["images"], text=[text], return_tensors="pt")).logits[0]
+    torch.testing.assert_close(seen["logits"][-1, : expected.size(0)], expected, atol=1e-5, rtol=1e-5)
