@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 
+import torch
 import trl
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from .loss_spec import LossSpec
 from .losses import REJECTED_REDUCTIONS
+
+
+logger = logging.getLogger(__name__)
+
+
+def check_distributed_launch(args) -> None:
+    """Fail before any work when a launcher started several processes (`WORLD_SIZE` > 1) but the Trainer runs this
+    one alone: each would then train on its own, and all of them would write to the same `output_dir`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise RuntimeError(
+            f"This process is one of WORLD_SIZE={launched} started by a launcher (torchrun, accelerate launch), but "
+            f"the Trainer runs it alone (distributed type {args.distributed_state.distributed_type}), as it found no "
+            "GPU backend: every process would train on its own and they would race on the same `output_dir`. To "
+            "train on the CPU across processes, add `--use_cpu true` (`DPOConfig(use_cpu=True)`, gloo backend); with "
+            "GPUs, give each process one (`--ddp_backend nccl`); or launch a single process."
+        )
 
 
 @dataclass
@@ -83,6 +104,11 @@ class DPOConfig(trl.DPOConfig):
             dataset `index`, `step` and `epoch`. Written by the main process; a run resumed from a checkpoint first
             drops the lines of the steps after it, and a fresh run starts an empty file. Read it with
             `trl-dpo-ext report`. The `grad_weight/...` metrics are logged either way.
+
+    > [!NOTE]
+    > One default differs from [`trl.DPOConfig`]: `bf16`, when not set, is `False` on a machine without bf16 support
+    > (no bf16-capable GPU or TPU, and `use_cpu=False`), where TRL's `True` fails in `transformers`; one line is logged.
+    > Elsewhere it is TRL's (`True` if `fp16` is not set), and an explicit `bf16=True` keeps TRL's behaviour.
     """
 
     rejected_reduction: str = field(
@@ -178,7 +204,20 @@ class DPOConfig(trl.DPOConfig):
                     stacklevel=3,
                 )
 
+    def _default_bf16(self) -> None:
+        # TRL turns `bf16` on whenever it is not set, and transformers then raises on a machine without bf16 support
+        # ("where supported", says TRL): there, an unset `bf16` means float32. An explicit `bf16=True` keeps the error.
+        supported = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+        if self.bf16 is None and not self.fp16 and not supported:
+            self.bf16 = False
+            device = "GPU" if torch.cuda.is_available() else "CPU"
+            logger.warning(
+                f"No bf16-capable accelerator found, so `bf16` (not set) is False: training runs in float32 on the "
+                f"{device}. Set `bf16=True` and `use_cpu=True` for bf16 autocast on the CPU."
+            )
+
     def __post_init__(self):
+        self._default_bf16()
         super().__post_init__()
         self._check_ref_init()
         if self.prefix_sharing and self.max_length is not None and self.truncation_mode == "keep_end":
