@@ -16,6 +16,10 @@ from collections import defaultdict
 import trl
 from packaging.version import Version
 
+# - `TRAINER_STATE_NAME` ("trainer_state.json"): the file `transformers.Trainer._save_checkpoint` writes last, after the
+#   weights and the optimizer, scheduler and RNG states; a checkpoint holding it whole is complete (`checkpoints.py`).
+from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401
+
 # Helpers of TRL that are not in its top-level API:
 # - `_tokenize(processing_class, text_or_messages, **kw)` -> {"input_ids": ...}: tokenizes plain text, or applies the
 #   chat template to messages, exactly as TRL's own dataset preparation does.

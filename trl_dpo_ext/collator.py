@@ -10,7 +10,7 @@ from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
 from ._trl_compat import pad
-from .data import INDEX_COLUMN, rejected_ids_as_list
+from .data import INDEX_COLUMN, rejected_ids_as_list, truncation_slice
 from .prefix_sharing import pack_preference_batch
 
 
@@ -91,14 +91,7 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
                 completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(ids))
 
         if self.max_length is not None:
-            if self.truncation_mode == "keep_start":
-                sl = slice(None, self.max_length)
-            elif self.truncation_mode == "keep_end":
-                sl = slice(-self.max_length, None)
-            else:
-                raise ValueError(
-                    f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'"
-                )
+            sl = truncation_slice(self.max_length, self.truncation_mode)
             sequences = [ids[sl] for ids in sequences]
             completion_masks = [m[sl] for m in completion_masks]
 

@@ -5,7 +5,8 @@ K ≥ 1 responses; K may differ from row to row. Text rows are standard (`str`) 
 with an explicit `prompt` or a prompt implicit in the shared start of the responses, exactly as `trl.DPOTrainer`
 takes them. Pre-tokenized rows (`prompt_ids`, `chosen_ids`, `rejected_ids`) are used as given.
 
-Every check raises before training starts, naming the row and the column.
+Every check raises before training starts, naming the row and the column: `f"Row {i}, column '{col}': ..."`; rows
+that train but teach nothing are counted in one warning each, naming the first of them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.compute as pc
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor
@@ -61,6 +65,156 @@ def _error(row: int, column: str, expected: str, value: Any) -> ValueError:
     return ValueError(f"Row {row}, column '{column}': expected {expected}, got {type_name(value)}.")
 
 
+def first_rows(indices: Sequence[int], limit: int = 5) -> str:
+    """The first row indices of a warning that counts rows: "rows 3, 8" or "rows 3, 8, 9, 12, 40, … (first 5)"."""
+    shown = ", ".join(str(i) for i in indices[:limit])
+    more = f", … (first {limit})" if len(indices) > limit else ""
+    return f"row{'s' if len(indices) > 1 else ''} {shown}{more}"
+
+
+@dataclass(frozen=True)
+class RowLimits:
+    """What a row is checked against besides its own values: the model's vocabulary and the truncation that the
+    collator will apply (`max_length`, `truncation_mode`)."""
+
+    vocab_size: int | None = None
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+
+
+def model_vocab_size(model: Any, args: Any) -> int | None:
+    """The number of rows of the model's input embedding, which every token id must be below. For a path or Hub id,
+    the `vocab_size` of its config (the embedding is built from it), read without loading the weights."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        revision = (args.model_init_kwargs or {}).get("revision")
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+        return getattr(config.get_text_config(), "vocab_size", None)
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if isinstance(getattr(embedding, "num_embeddings", None), int):  # kept under ZeRO-3, whose weight is partitioned
+        return embedding.num_embeddings
+    config = getattr(model, "config", None)
+    return getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+
+
+def check_row_kind(example: dict[str, Any], idx: int, conversational: bool | None) -> bool:
+    """Whether a text row holds messages; an error when it is not of the dataset's kind (that of its first row), as
+    the two kinds are tokenized differently (the chat template, or the text with EOS added)."""
+    kind = is_conversational_row(example)
+    if conversational is not None and kind != conversational:
+        this, first = ("a list of messages", "plain text") if kind else ("plain text", "a list of messages")
+        raise ValueError(
+            f"Row {idx}, column 'chosen': {this}, but the dataset's first row is {first}. Conversational and "
+            "plain-text rows cannot be mixed in one dataset; convert them to one kind."
+        )
+    return kind
+
+
+def check_chosen_text(chosen: Any, idx: int) -> None:
+    """A chosen response with no text (an empty string, or messages with empty content) teaches nothing: only the
+    EOS or end-of-turn tokens would be scored."""
+    empty = (
+        chosen == "" if isinstance(chosen, str) else is_messages(chosen) and not any(m.get("content") for m in chosen)
+    )
+    if empty:
+        raise ValueError(
+            f"Row {idx}, column 'chosen': empty response {chosen!r}. A chosen response with no text teaches nothing "
+            "(only its end-of-sequence token would be scored); fix the row or drop it."
+        )
+
+
+def check_completion_ids(ids: list[int], idx: int, column: str, name: str) -> None:
+    """A completion with no token has log-prob 0 whatever the model: its pairs carry no gradient."""
+    if not ids:
+        raise ValueError(
+            f"Row {idx}, column '{column}': {name} has no tokens. A response with no tokens has log-prob 0 and teaches "
+            "nothing; fix the row or drop it."
+        )
+
+
+def check_token_range(ids: list[int], idx: int, column: str, vocab_size: int | None, tokenized: bool) -> None:
+    """Every token id is in [0, vocab_size): the rows of the model's input embedding. Negative ids are always wrong.
+    `tokenized`: the ids were given (else the tokenizer made them from the text of `column`)."""
+    if not ids:
+        return
+    low, high = min(ids), max(ids)
+    if low >= 0 and (vocab_size is None or high < vocab_size):
+        return
+    bad = low if low < 0 else high
+    vocab = (
+        f"ids 0 to {vocab_size - 1}: the model's input embedding has {vocab_size} rows" if vocab_size else "ids ≥ 0"
+    )
+    if tokenized:
+        source, hint = "", " (-100 marks ignored labels; it is not a token)" if bad == -100 else ""
+    else:
+        source = "the tokenizer gives "
+        hint = "; the tokenizer does not match the model (resize its embeddings: `model.resize_token_embeddings`)"
+    raise ValueError(
+        f"Row {idx}, column '{column}': {source}token id {bad} at position {ids.index(bad)}, outside the model's "
+        f"vocabulary ({vocab}){hint}."
+    )
+
+
+def truncation_slice(max_length: int | None, truncation_mode: str) -> slice:
+    """The part of a sequence (prompt + one response) that the collator keeps."""
+    if max_length is None:
+        return slice(None)
+    if truncation_mode == "keep_start":
+        return slice(None, max_length)
+    if truncation_mode == "keep_end":
+        return slice(-max_length, None)
+    raise ValueError(f"Unsupported truncation mode: {truncation_mode}, expected 'keep_start' or 'keep_end'")
+
+
+def num_identical_after_truncation(
+    prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[list[int]], limits: RowLimits
+) -> int:
+    """How many rejected differ from the chosen but become the same sequence (tokens and completion mask) once
+    truncated to `max_length`: such a pair has a zero margin, whatever the model."""
+    if limits.max_length is None or (limits.truncation_mode == "keep_start" and len(prompt_ids) >= limits.max_length):
+        return 0  # nothing truncated, or the row is dropped
+    sl = truncation_slice(limits.max_length, limits.truncation_mode)
+
+    def truncated(ids: list[int]) -> tuple[list[int], list[int]]:
+        return (prompt_ids + ids)[sl], ([0] * len(prompt_ids) + [1] * len(ids))[sl]
+
+    chosen = truncated(chosen_ids)
+    return sum(ids != chosen_ids and truncated(ids) == chosen for ids in rejected_ids)
+
+
+def _checked_ids(
+    example: dict[str, Any],
+    idx: int,
+    ids: tuple[list[int], list[int], list[list[int]]],
+    limits: RowLimits | None,
+    tokenized: bool,
+) -> dict[str, Any]:
+    """The prepared row of a text or pre-tokenized row: the checks every prepared row passes, and its counts."""
+    prompt_ids, chosen_ids, rejected_ids = ids
+    limits = limits or RowLimits()
+    columns = TOKENIZED_COLUMNS if tokenized else ("prompt", *TEXT_COLUMNS)
+    check_completion_ids(chosen_ids, idx, columns[1], "the chosen response")
+    for k, rejected in enumerate(rejected_ids):
+        check_completion_ids(rejected, idx, columns[2], f"rejected {k}")
+    for column, sequences in zip(columns, ([prompt_ids], [chosen_ids], rejected_ids), strict=True):
+        for sequence in sequences:
+            check_token_range(sequence, idx, column, limits.vocab_size, tokenized)
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "num_rejected": len(rejected_ids),
+        "num_identical_rejected": sum(r == chosen_ids for r in rejected_ids),
+        "num_identical_after_truncation": num_identical_after_truncation(prompt_ids, chosen_ids, rejected_ids, limits),
+        **check_scores(example, len(rejected_ids), idx),
+        INDEX_COLUMN: dataset_index(example, idx),
+    }
+
+
 def rejected_as_list(value: Any, conversational: bool, row: int, column: str = "rejected") -> list:
     """The rejected response(s) of a text row as a non-empty list, whether given as one response or as a list."""
     if conversational:
@@ -91,10 +245,12 @@ def rejected_ids_as_list(value: Any, row: int) -> list[list[int]]:
     raise _error(row, "rejected_ids", "a non-empty list[int] or list[list[int]]", value)
 
 
-def extract_prompt_multi(example: dict[str, Any], idx: int = 0) -> dict[str, Any]:
+def extract_prompt_multi(example: dict[str, Any], idx: int = 0, conversational: bool | None = None) -> dict[str, Any]:
     """`trl.extract_prompt` for a list of rejected: the prompt is the shortest of the chosen's common prefixes with
-    each rejected. With one rejected it is exactly `trl.extract_prompt`."""
+    each rejected. With one rejected it is exactly `trl.extract_prompt`. `conversational`: the dataset's kind, which
+    the row must have (None: not checked)."""
     require_values(example, TEXT_COLUMNS, idx)
+    check_row_kind(example, idx, conversational)
     conversational = is_messages(example["chosen"])
     if not conversational and not isinstance(example["chosen"], str):
         raise _error(idx, "chosen", "a str or a list of messages", example["chosen"])
@@ -110,19 +266,29 @@ def extract_prompt_multi(example: dict[str, Any], idx: int = 0) -> dict[str, Any
     }
 
 
-def tokenize_row(example: dict[str, Any], idx: int, processing_class, eos_token: str | None) -> dict[str, Any]:
+def tokenize_row(
+    example: dict[str, Any],
+    idx: int,
+    processing_class,
+    eos_token: str | None,
+    conversational: bool | None = None,
+    limits: RowLimits | None = None,
+) -> dict[str, Any]:
     """Validate one text row and tokenize it as TRL does, with each rejected tokenized after the same prompt.
 
     The completion starts where the tokenized prompt and the tokenized prompt+response diverge, taken over all the
     responses of the row (see `trl.data_utils.common_prefix_length`); with one rejected this is TRL's own rule.
+    `conversational` is the dataset's kind, which the row must have (None: not checked); `limits` what its token ids
+    and truncation are checked against.
     """
     require_values(example, ("prompt", *TEXT_COLUMNS), idx)
-    conversational = is_conversational_row(example)
+    conversational = check_row_kind(example, idx, conversational)
     chosen = example["chosen"]
     if conversational and not is_messages(chosen):
         raise _error(idx, "chosen", "a list of messages", chosen)
     if not conversational and not isinstance(chosen, str):
         raise _error(idx, "chosen", "a str (or a list of messages)", chosen)
+    check_chosen_text(chosen, idx)
     rejected = rejected_as_list(example["rejected"], conversational, idx)
 
     if conversational:
@@ -141,17 +307,8 @@ def tokenize_row(example: dict[str, Any], idx: int, processing_class, eos_token:
         full_ids = [tokenize(processing_class, example["prompt"] + r)["input_ids"] for r in [chosen, *rejected]]
 
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-    chosen_ids = full_ids[0][prompt_len:]
-    rejected_ids = [ids[prompt_len:] for ids in full_ids[1:]]
-    return {
-        "prompt_ids": prompt_ids[:prompt_len],
-        "chosen_ids": chosen_ids,
-        "rejected_ids": rejected_ids,
-        "num_rejected": len(rejected_ids),
-        "num_identical_rejected": sum(ids == chosen_ids for ids in rejected_ids),
-        **check_scores(example, len(rejected_ids), idx),
-        INDEX_COLUMN: dataset_index(example, idx),
-    }
+    ids = (prompt_ids[:prompt_len], full_ids[0][prompt_len:], [ids[prompt_len:] for ids in full_ids[1:]])
+    return _checked_ids(example, idx, ids, limits, tokenized=False)
 
 
 def check_scores(example: dict[str, Any], num_rejected: int, idx: int) -> dict[str, list[float]]:
@@ -178,21 +335,14 @@ def dataset_index(example: dict[str, Any], idx: int) -> int:
     return value
 
 
-def check_tokenized_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
-    """Validate one pre-tokenized row; its ids are kept exactly as given (no EOS added, nothing re-tokenized)."""
+def check_tokenized_row(example: dict[str, Any], idx: int, limits: RowLimits | None = None) -> dict[str, Any]:
+    """Validate one pre-tokenized row; its ids are kept exactly as given (no EOS added, nothing re-tokenized).
+    `limits` holds the model's vocabulary size, which every id must be below, and the truncation."""
     require_values(example, TOKENIZED_COLUMNS, idx)
     prompt_ids = _check_ids(example["prompt_ids"], idx, "prompt_ids")
     chosen_ids = _check_ids(example["chosen_ids"], idx, "chosen_ids")
     rejected_ids = rejected_ids_as_list(example["rejected_ids"], idx)
-    return {
-        "prompt_ids": prompt_ids,
-        "chosen_ids": chosen_ids,
-        "rejected_ids": rejected_ids,
-        "num_rejected": len(rejected_ids),
-        "num_identical_rejected": sum(ids == chosen_ids for ids in rejected_ids),
-        **check_scores(example, len(rejected_ids), idx),
-        INDEX_COLUMN: dataset_index(example, idx),
-    }
+    return _checked_ids(example, idx, (prompt_ids, chosen_ids, rejected_ids), limits, tokenized=True)
 
 
 def missing_columns(column_names: list[str] | None) -> tuple[bool, list[str]]:
@@ -202,6 +352,47 @@ def missing_columns(column_names: list[str] | None) -> tuple[bool, list[str]]:
     tokenized = "chosen_ids" in column_names or "rejected_ids" in column_names
     required = TOKENIZED_COLUMNS if tokenized else TEXT_COLUMNS
     return tokenized, [c for c in required if c not in column_names]
+
+
+def _rows_where(dataset: Dataset, mask: Any) -> list[int]:
+    """The dataset indices (positions in the dataset given to the trainer) of the rows where `mask` is true."""
+    return [i for i, flag in zip(dataset[INDEX_COLUMN], mask.to_pylist(), strict=True) if flag]
+
+
+def rows_filling_max_length(dataset: Dataset, max_length: int) -> tuple[list[int], int]:
+    """The rows of a prepared `Dataset` whose prompt alone fills `max_length` (dropped under `keep_start`, as TRL
+    does), and the length of the shortest prompt."""
+    lengths = pc.list_value_length(dataset.with_format("arrow")["prompt_ids"])
+    return _rows_where(dataset, pc.greater_equal(lengths, max_length)), pc.min(lengths).as_py() or 0
+
+
+def row_warnings(dataset: Dataset, dataset_name: str, max_length: int | None) -> list[str]:
+    """What trains but carries no gradient, or less than it seems, in a prepared `Dataset`: one line per kind, with
+    the count and the first rows."""
+    table = dataset.with_format("arrow")
+    messages = []
+    identical = _rows_where(dataset, pc.greater(table["num_identical_rejected"], 0))
+    if identical:
+        count = pc.sum(table["num_identical_rejected"]).as_py()
+        messages.append(
+            f"{count} rejected response(s) of the {dataset_name} dataset are identical to their chosen response "
+            f"({first_rows(identical)}). They are kept, but such a pair carries no gradient."
+        )
+    truncated = _rows_where(dataset, pc.greater(table["num_identical_after_truncation"], 0))
+    if truncated:
+        count = pc.sum(table["num_identical_after_truncation"]).as_py()
+        messages.append(
+            f"{count} rejected response(s) of the {dataset_name} dataset become identical to their chosen response "
+            f"once truncated to `max_length={max_length}` ({first_rows(truncated)}): such a pair has a zero margin and "
+            "carries no gradient. Raise `max_length`."
+        )
+    empty = _rows_where(dataset, pc.equal(pc.list_value_length(table["prompt_ids"]), 0))
+    if empty:
+        messages.append(
+            f"{len(empty)} row(s) of the {dataset_name} dataset have an empty prompt ({first_rows(empty)}): the first "
+            "token of each response is then not scored, as nothing precedes it. TRL allows it; check the prompts."
+        )
+    return messages
 
 
 def check_ref_logps(ref_chosen: Any, ref_rejected: Any, num_rejected: int, idx: int) -> None:
@@ -238,10 +429,14 @@ def load_processing_class(model, args):
     )
 
 
-def prepare_preference_dataset(dataset, processing_class, eos_token: str | None, args, dataset_name: str, loss_spec):
+def prepare_preference_dataset(
+    dataset, processing_class, eos_token: str | None, args, dataset_name: str, loss_spec, vocab_size: int | None = None
+):
     """Validate and tokenize a preference dataset (the trainer's `_prepare_dataset`): every row checked, naming the
-    row and the column; text rows tokenized with each rejected after the same prompt; the rules on the number of
-    rejected checked against `loss_spec`; rows whose prompt fills `max_length` dropped, as TRL drops them."""
+    row and the column (token ids against `vocab_size`, the rows of the model's input embedding, when given); text
+    rows tokenized with each rejected after the same prompt; the rules on the number of rejected checked against
+    `loss_spec`; rows that teach nothing counted in warnings naming the first; rows whose prompt fills `max_length`
+    dropped, as TRL drops them (all of them: an error)."""
     tokenized, missing = missing_columns(dataset.column_names)
     if missing:
         raise ValueError(
@@ -254,49 +449,59 @@ def prepare_preference_dataset(dataset, processing_class, eos_token: str | None,
     def desc(text: str) -> dict:  # `IterableDataset.map` takes no `desc`
         return {"desc": f"{text} {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
 
+    limits = RowLimits(vocab_size, args.max_length, args.truncation_mode)
     with global_then_local_main_first():
         if tokenized:
-            dataset = dataset.map(check_tokenized_row, with_indices=True, **map_kwargs, **desc("Checking"))
+            dataset = dataset.map(
+                check_tokenized_row, with_indices=True, fn_kwargs={"limits": limits}, **map_kwargs, **desc("Checking")
+            )
         else:
+            # The first row decides the dataset's kind (chat template, or text with EOS); every row must share it
             first = next(iter(dataset))
+            conversational = is_conversational_row(first)
             if "prompt" not in first:
                 dataset = dataset.map(
-                    extract_prompt_multi, with_indices=True, **map_kwargs, **desc("Extracting prompt from")
+                    extract_prompt_multi,
+                    with_indices=True,
+                    fn_kwargs={"conversational": conversational},
+                    **map_kwargs,
+                    **desc("Extracting prompt from"),
                 )
-                first = next(iter(dataset))
+            fn_kwargs = {"processing_class": processing_class, "eos_token": None if conversational else eos_token}
             dataset = dataset.map(
                 tokenize_row,
                 with_indices=True,
-                fn_kwargs={
-                    "processing_class": processing_class,
-                    "eos_token": None if is_conversational_row(first) else eos_token,
-                },
+                fn_kwargs={**fn_kwargs, "conversational": conversational, "limits": limits},
                 **map_kwargs,
                 **desc("Tokenizing"),
             )
 
         if isinstance(dataset, Dataset):
             loss_spec.check_num_rejected(list(dataset["num_rejected"]), dataset_name, args.precompute_ref_log_probs)
-            identical = sum(dataset["num_identical_rejected"])
-            if identical:
-                warnings.warn(
-                    f"{identical} rejected response(s) of the {dataset_name} dataset are identical to their chosen "
-                    "response. They are kept, but such a pair carries no gradient.",
-                    stacklevel=4,
-                )
+            for message in row_warnings(dataset, dataset_name, args.max_length):
+                warnings.warn(message, stacklevel=4)
 
         # As TRL: a prompt that fills `max_length` leaves no completion token under `keep_start` truncation
         if args.max_length is not None and args.truncation_mode == "keep_start":
-            num_rows = len(dataset) if isinstance(dataset, Dataset) else None
+            dropped, num_rows = [], None
+            if isinstance(dataset, Dataset):
+                num_rows = len(dataset)
+                dropped, shortest = rows_filling_max_length(dataset, args.max_length)
+                if num_rows and len(dropped) == num_rows:
+                    raise ValueError(
+                        f"Every row of the {dataset_name} dataset ({num_rows}) has a prompt that alone fills "
+                        f"`max_length={args.max_length}` (the shortest has {shortest} tokens), so no completion "
+                        "token is left to train on. Raise `max_length`, or shorten the prompts."
+                    )
             dataset = dataset.filter(
                 lambda example: len(example["prompt_ids"]) < args.max_length,
                 **map_kwargs,
                 **desc("Dropping fully truncated examples from"),
             )
-            if num_rows is not None and len(dataset) < num_rows:
+            if dropped:
                 logger.warning(
-                    f"Dropped {num_rows - len(dataset)} of {num_rows} rows of the {dataset_name} dataset whose "
-                    f"prompt alone fills `max_length={args.max_length}`."
+                    f"Dropped {len(dropped)} of {num_rows} rows of the {dataset_name} dataset whose prompt alone "
+                    f"fills `max_length={args.max_length}` ({first_rows(dropped)})."
                 )
     return dataset
 
@@ -307,15 +512,17 @@ def prepare_preference_dataset(dataset, processing_class, eos_token: str | None,
 SFT_EXTRA_COLUMNS = ("tools", "chat_template_kwargs")
 
 
-def _check_text_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
+def _check_text_row(example: dict[str, Any], idx: int, conversational: bool | None = None) -> dict[str, Any]:
     """Validate a text row as the DPO trainer will (so a bad row fails before the SFT stage, not after it), and keep
-    the prompt and the chosen as SFTTrainer's prompt-completion pair."""
+    the prompt and the chosen as SFTTrainer's prompt-completion pair. `conversational`: the dataset's kind."""
     require_values(example, ("prompt", *TEXT_COLUMNS), idx)
+    check_row_kind(example, idx, conversational)
     conversational = is_messages(example["chosen"])
     if not conversational and not isinstance(example["chosen"], str):
         raise ValueError(
             f"Row {idx}, column 'chosen': expected a str or a list of messages, got {type(example['chosen']).__name__}."
         )
+    check_chosen_text(example["chosen"], idx)
     rejected = rejected_as_list(example["rejected"], conversational, idx)
     check_scores(example, len(rejected), idx)
     row = {"prompt": example["prompt"], "completion": example["chosen"]}
@@ -325,23 +532,24 @@ def _check_text_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
     return row
 
 
-def _tokenized_sft_row(example: dict[str, Any], idx: int) -> dict[str, Any]:
+def _tokenized_sft_row(example: dict[str, Any], idx: int, limits: RowLimits | None = None) -> dict[str, Any]:
     """A pre-tokenized row as SFTTrainer's own tokenized format: nothing is re-tokenized, and the loss mask is the
     chosen tokens (`completion_mask`, used because the SFT stage sets `completion_only_loss=True`)."""
-    row = check_tokenized_row(example, idx)
+    row = check_tokenized_row(example, idx, limits)
     prompt_ids, chosen_ids = row["prompt_ids"], row["chosen_ids"]
     return {"input_ids": prompt_ids + chosen_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(chosen_ids)}
 
 
 def preference_to_sft_dataset(
-    dataset: Dataset | IterableDataset, dataset_num_proc: int | None = None
+    dataset: Dataset | IterableDataset, dataset_num_proc: int | None = None, vocab_size: int | None = None
 ) -> Dataset | IterableDataset:
     """The SFT rows of a preference dataset: one (prompt, chosen) row per example, whatever its number of rejected.
 
     Text rows (standard or conversational, explicit or implicit prompt) become `{"prompt", "completion"}` rows that
     `trl.SFTTrainer` tokenizes as it tokenizes any prompt-completion data; pre-tokenized rows (`prompt_ids`,
     `chosen_ids`, `rejected_ids`) become `{"input_ids", "completion_mask"}` rows, used as given. Every row is
-    validated as the DPO trainer validates it, rejected included.
+    validated as the DPO trainer validates it, rejected included (pre-tokenized ids against `vocab_size`, the rows
+    of the model's input embedding, when given).
     """
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise TypeError(
@@ -365,8 +573,14 @@ def preference_to_sft_dataset(
         map_kwargs = {"num_proc": dataset_num_proc, "desc": "Building the SFT-on-chosen rows of the dataset"}
     with global_then_local_main_first():
         if tokenized:
-            return dataset.map(_tokenized_sft_row, with_indices=True, remove_columns=column_names, **map_kwargs)
+            limits = {"limits": RowLimits(vocab_size)}
+            return dataset.map(
+                _tokenized_sft_row, with_indices=True, fn_kwargs=limits, remove_columns=column_names, **map_kwargs
+            )
+        kind = {"conversational": is_conversational_row(first)}
         if "prompt" not in column_names:
-            dataset = dataset.map(extract_prompt_multi, with_indices=True, **map_kwargs)
+            dataset = dataset.map(extract_prompt_multi, with_indices=True, fn_kwargs=kind, **map_kwargs)
             column_names = dataset.column_names or list(next(iter(dataset)))
-        return dataset.map(_check_text_row, with_indices=True, remove_columns=column_names, **map_kwargs)
+        return dataset.map(
+            _check_text_row, with_indices=True, fn_kwargs=kind, remove_columns=column_names, **map_kwargs
+        )

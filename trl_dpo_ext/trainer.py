@@ -29,9 +29,17 @@ from ._trl_compat import (
     tokenizer_of,
     total_train_tokens,
 )
+from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForMultiRejectedPreference
-from .config import DPOConfig
-from .data import INDEX_COLUMN, check_ref_logps, load_processing_class, model_id, prepare_preference_dataset
+from .config import DPOConfig, check_distributed_launch
+from .data import (
+    INDEX_COLUMN,
+    check_ref_logps,
+    load_processing_class,
+    model_id,
+    model_vocab_size,
+    prepare_preference_dataset,
+)
 from .diagnostics import GradWeightDiagnostics
 from .forward import (
     chosen_nll,
@@ -102,6 +110,7 @@ class DPOTrainer(trl.DPOTrainer):
     ):
         if args is None:  # as TRL
             args = DPOConfig(f"{model_id(model).split('/')[-1]}-DPO")
+        check_distributed_launch(args)  # before any work: the SFT stage, the data, the models
         # Built (and validated) once; the loss and the gradient-weight diagnostics both use it
         self.loss_spec = LossSpec.from_config(args)
         self.rejected_reduction = self.loss_spec.reduction
@@ -129,6 +138,8 @@ class DPOTrainer(trl.DPOTrainer):
                 model, ref_model, train_dataset, processing_class, args, peft_config, quantization_config
             )
 
+        # Every token id of the data must index a row of the model's input embedding (checked in `_prepare_dataset`)
+        self._vocab_size = model_vocab_size(model, args)
         prefix_sharing = getattr(args, "prefix_sharing", False)
         if prefix_sharing:  # fail before the parent's precompute pass, for models given as instances
             for name, instance in (("model", model), ("ref_model", ref_model)):
@@ -175,8 +186,19 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return prepare_preference_dataset(
-            dataset, processing_class, tokenizer_of(self).eos_token, args, dataset_name, self.loss_spec
+            dataset,
+            processing_class,
+            tokenizer_of(self).eos_token,
+            args,
+            dataset_name,
+            self.loss_spec,
+            self._vocab_size,
         )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # A checkpoint whose save was interrupted is skipped: transformers would resume from the last one by number
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         if isinstance(dataset, Dataset) and {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
