@@ -2,23 +2,30 @@
 
 `ref_init` saves the reference with `sft_ref_metadata.json`, which records the base model, the data, the tokenizer
 and the SFT settings. A later run reuses the folder only when all of them match, and fails (listing what differs)
-otherwise: a DPO run resumed from a checkpoint must keep the reference it started with.
+otherwise: a DPO run resumed from a checkpoint must keep the reference it started with. The metadata also holds the
+SHA-256 of each weight file, checked before a reused reference is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, ProcessorMixin
 
 
+logger = logging.getLogger(__name__)
+
 METADATA_FILE = "sft_ref_metadata.json"
-METADATA_VERSION = 1
+# 2: with the SHA-256 of each weight file (`weight_sha256`)
+METADATA_VERSION = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 # Fields of the DPO run's `TrainingArguments` that the SFT stage keeps. Those in the first group change the trained
 # weights, so they are part of the saved reference's identity; the second group (devices, logging) does not.
@@ -78,7 +85,7 @@ def model_identity(model: str | PreTrainedModel, args) -> dict[str, Any]:
             identity["weight_files"] = {
                 name: os.path.getsize(os.path.join(model, name))
                 for name in sorted(os.listdir(model))
-                if name.endswith((".safetensors", ".bin", ".pt"))
+                if name.endswith(WEIGHT_SUFFIXES)
             }
         return identity
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
@@ -178,4 +185,50 @@ def check_saved(sft_dir: str, identity: dict[str, Any]) -> bool:
             "DPO run resumed from a checkpoint must keep the reference it started with), or set `ref_init_output_dir`"
             " to another folder."
         )
+    _verify_weights(sft_dir, metadata)
     return True
+
+
+def weight_checksums(folder: str) -> dict[str, str]:
+    """SHA-256 of every weight file of a saved model folder, by file name."""
+    checksums = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(WEIGHT_SUFFIXES):
+            digest = hashlib.sha256()
+            with open(os.path.join(folder, name), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            checksums[name] = digest.hexdigest()
+    return checksums
+
+
+def _verify_weights(sft_dir: str, metadata: dict[str, Any]) -> None:
+    """The weight files of a saved reference are those written with it: an error, before anything loads them, when
+    one was changed, truncated or removed since."""
+    advice = (
+        f"Remove the folder ({sft_dir}) to make the reference again (a DPO run resumed from a checkpoint must keep "
+        "the reference it started with)."
+    )
+    for name in sorted(os.listdir(sft_dir)):
+        if name.endswith(".safetensors"):
+            try:  # reads the header and checks that the file holds every tensor it lists
+                with safe_open(os.path.join(sft_dir, name), framework="pt"):
+                    pass
+            except SafetensorError as error:
+                message = f"The SFT reference's weight file {name} in {sft_dir} is damaged ({error}). {advice}"
+                raise ValueError(message) from error
+    expected = metadata.get("weight_sha256")
+    if expected is None:
+        logger.warning(
+            f"The SFT reference in {sft_dir} was saved without weight checksums (metadata version "
+            f"{metadata.get('version')}), so its weights are not verified."
+        )
+        return
+    actual = weight_checksums(sft_dir)
+    changed = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+    if changed:
+        raise ValueError(
+            f"The weight files {changed} of the SFT reference in {sft_dir} differ from those written with it (their "
+            f"SHA-256 in {METADATA_FILE} does not match, or the file is missing or new): the folder was modified or "
+            f"damaged. {advice}"
+        )

@@ -42,7 +42,8 @@ from ._trl_compat import (
     create_model_from_path,
     prefix_metrics,
 )
-from .data import load_processing_class, preference_to_sft_dataset
+from .config import check_distributed_launch
+from .data import load_processing_class, model_vocab_size, preference_to_sft_dataset
 from .ref_identity import (
     METADATA_FILE,
     METADATA_VERSION,
@@ -55,6 +56,7 @@ from .ref_identity import (
     sft_reference_dir,
     sft_settings,
     tokenizer_identity,
+    weight_checksums,
 )
 
 
@@ -192,6 +194,7 @@ def train_sft_reference(
             "`ref_init` trains from a base model: pass the base model (and a `peft_config` for LoRA), not a "
             "`PeftModel`, or merge its adapter first (`model.merge_and_unload()`)."
         )
+    check_distributed_launch(args)
     state = args.distributed_state  # set up by the arguments, with their backend
     sft_dir = sft_reference_dir(args)
     tmp_dir = f"{sft_dir}.incomplete"
@@ -203,7 +206,7 @@ def train_sft_reference(
             f"`ref_init_max_steps={args.ref_init_max_steps}`."
         )
 
-    sft_dataset = preference_to_sft_dataset(train_dataset, args.dataset_num_proc)
+    sft_dataset = preference_to_sft_dataset(train_dataset, args.dataset_num_proc, model_vocab_size(model, args))
     tokenized = "input_ids" in (sft_dataset.column_names or next(iter(sft_dataset)))
     settings = sft_settings(args, peft_config, state.num_processes)
 
@@ -258,10 +261,12 @@ def train_sft_reference(
             processing_class.save_pretrained(tmp_dir)
     else:
         trainer.save_model(tmp_dir)  # every process calls it, for sharded models; only the main process writes
+    state.wait_for_everyone()  # every shard written before the main process reads them
     if state.is_main_process:
         metadata = {
             "version": METADATA_VERSION,
             "identity": identity,
+            "weight_sha256": weight_checksums(tmp_dir),
             "run_id": uuid.uuid4().hex,
             "created": datetime.now(timezone.utc).isoformat(),
             "num_processes": state.num_processes,
