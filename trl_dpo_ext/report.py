@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from .diagnostics import RECORD_FILENAME, read_record
 FIGURE_FILENAME = "grad_weights.png"
 TABLE_FILENAME = "grad_weights_ranking.csv"
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+# A row's mean weight over fewer observations than this is one draw, not a trend
+MIN_OBSERVATIONS = 2
 
 
 def _import_matplotlib():
@@ -131,6 +134,20 @@ def rank_rows(records: list[dict[str, Any]], last_fraction: float = 0.5) -> tupl
     return ranking, window_start
 
 
+def thin_ranking_warning(ranking: list[dict[str, Any]], window_start: int) -> str | None:
+    """A warning when most ranked rows have fewer than `MIN_OBSERVATIONS` weights in the ranking window, each then
+    ranked on one draw of a noisy quantity; None otherwise."""
+    observed = [r["observations"] for r in ranking if r["observations"]]
+    thin = sum(n < MIN_OBSERVATIONS for n in observed)
+    if not observed or 2 * thin <= len(observed):
+        return None
+    return (
+        f"{thin} of the {len(observed)} ranked rows rest on fewer than {MIN_OBSERVATIONS} observations (recorded steps "
+        f"≥ {window_start} that saw them): their ranking is mostly noise. Train for more epochs over the data, or "
+        "widen the window (`--last-fraction`)."
+    )
+
+
 def step_quantiles(records: list[dict[str, Any]], quantiles: Sequence[float]) -> tuple[list[int], torch.Tensor]:
     """The steps of the record and, for each, the `quantiles` and mean of its pair weights w: [S, len(quantiles) + 1]."""
     by_step: dict[int, list[float]] = defaultdict(list)
@@ -208,7 +225,9 @@ def write_report(
 
     Returns:
         `{"figure", "table"}` (paths), `"num_rows"`, `"num_records"`, `"steps"` ([first, last]), `"window_start"`,
-        `"top_indices"` (dataset indices of the top rows, highest first) and `"ranking"` (the table's rows).
+        `"top_indices"` (dataset indices of the top rows, highest first), `"ranking"` (the table's rows; `observations`
+        is the number of weights a row's mean is over) and `"warning"` (when most rows rest on fewer than
+        `MIN_OBSERVATIONS` of them, else None; also raised as a `UserWarning`).
     """
     if not 0 < top_fraction <= 1:
         raise ValueError(f"`top_fraction` must be in (0, 1], got {top_fraction}.")
@@ -231,6 +250,9 @@ def write_report(
 
     observed = sum(not math.isnan(r["mean_grad_weight"]) for r in ranking)
     top = max(1, round(top_fraction * observed)) if observed else 0
+    warning = thin_ranking_warning(ranking, window_start)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=2)
     for row in ranking:
         row["top"] = row["rank"] <= top
 
@@ -257,6 +279,7 @@ def write_report(
         "window_start": window_start,
         "top_indices": [r["index"] for r in ranking[:top]],
         "ranking": ranking,
+        "warning": warning,
     }
 
 
@@ -288,12 +311,17 @@ def make_parser(prog: str = "trl-dpo-ext report") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     output_dir = args.output_dir or _resolve_record(args.record).parent
-    result = write_report(args.record, output_dir, args.dataset, args.top_fraction, args.last_fraction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # printed below, with the ranking it is about
+        result = write_report(args.record, output_dir, args.dataset, args.top_fraction, args.last_fraction)
     print(f"Figure: {result['figure']}")
     print(f"Table:  {result['table']} ({result['num_rows']} rows, steps {result['steps'][0]}–{result['steps'][1]})")
     print(f"Top {len(result['top_indices'])} rows by mean weight over steps ≥ {result['window_start']}:")
     for row in result["ranking"][: min(10, len(result["top_indices"]))]:
-        print(f"  row {row['index']}: {row['mean_grad_weight']:.3f}")
+        n = row["observations"]
+        print(f"  row {row['index']}: {row['mean_grad_weight']:.3f} ({n} observation{'s' if n != 1 else ''})")
+    if result["warning"] is not None:
+        print(f"Warning: {result['warning']}")
 
 
 if __name__ == "__main__":
