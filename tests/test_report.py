@@ -3,6 +3,7 @@
 import csv
 import json
 import sys
+import warnings
 
 import pytest
 
@@ -92,3 +93,30 @@ def test_command_line_reads_the_output_dir_and_a_dataset_file(tmp_path, capsys):
         table = list(csv.DictReader(file))
     assert [row["top"] for row in table] == ["True", "True", "False"]
     assert table[1]["prompt"] == "p0"  # row 2 of the file is a copy of row 0
+
+
+def test_command_line_shows_each_rows_observations_and_warns_when_most_rest_on_one(tmp_path, capsys):
+    # In the window (steps 3 and 4) rows 1 and 2 are seen once, row 0 twice: 2 of 3 ranked rows rest on one draw
+    write_record(tmp_path / "grad_weights.jsonl", LINES)
+    main([str(tmp_path), "--top-fraction", "1.0"])
+    out = capsys.readouterr().out
+    assert "row 1: 0.800 (1 observation)\n" in out and "row 0: 0.075 (2 observations)\n" in out
+    assert "Warning: 2 of the 3 ranked rows rest on fewer than 2 observations" in out
+    with open(tmp_path / "grad_weights_ranking.csv", encoding="utf-8") as file:
+        assert [(row["index"], row["observations"]) for row in csv.DictReader(file)] == [
+            ("1", "1"),
+            ("2", "1"),
+            ("0", "2"),
+        ]
+
+
+def test_no_warning_when_most_rows_are_observed_at_least_twice(tmp_path):
+    # Every row seen at steps 3 and 4; row 2 also once more early, outside the window
+    lines = [line(i, s, [0.1 * (i + 1)]) for s in (3, 4) for i in range(3)] + [line(2, 1, [0.5])]
+    record = write_record(tmp_path / "grad_weights.jsonl", lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = write_report(record, tmp_path / "out")
+    assert result["warning"] is None
+    with pytest.warns(UserWarning, match="3 of the 3 ranked rows rest on fewer than 2 observations"):
+        assert write_report(record, tmp_path / "out", last_fraction=0.25)["warning"] is not None
