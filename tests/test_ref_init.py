@@ -357,3 +357,51 @@ def test_a_given_ref_model_takes_precedence_over_ref_init(tokenizer, tmp_path, s
     assert not sft_calls and not (tmp_path / "sft_ref").exists()
     assert trainer.ref_model is reference
     assert "`ref_init='sft_on_chosen'` is ignored because a `ref_model` was passed" in caplog.text
+
+
+def test_metadata_holds_the_sha256_of_each_weight_file(tokenizer, tmp_path):
+    dpo_trainer(tokenizer, tmp_path)
+    sft_dir = tmp_path / "sft_ref"
+    checksums = read_metadata(str(sft_dir))["weight_sha256"]
+    assert "model.safetensors" in checksums
+    for name, digest in checksums.items():
+        assert hashlib.sha256((sft_dir / name).read_bytes()).hexdigest() == digest, name
+
+
+def overwrite_middle(path: Path) -> None:
+    """Flip the bytes in the middle of a file, keeping its size (a weight tensor's data, past the header)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [overwrite_middle, truncate])
+def test_a_damaged_saved_reference_is_an_error_saying_to_remove_it(tokenizer, tmp_path, sft_calls, damage):
+    dpo_trainer(tokenizer, tmp_path)
+    weights = tmp_path / "sft_ref" / "model.safetensors"
+    size = weights.stat().st_size
+    damage(weights)
+    assert (weights.stat().st_size == size) == (damage is overwrite_middle)
+    with pytest.raises(
+        ValueError, match=re.escape(f"Remove the folder ({tmp_path / 'sft_ref'}) to make the reference")
+    ):
+        dpo_trainer(tokenizer, tmp_path)
+    assert len(sft_calls) == 1, "the SFT stage ran again"
+
+
+def test_a_truncated_reference_saved_without_checksums_gets_the_same_advice(tokenizer, tmp_path, sft_calls):
+    dpo_trainer(tokenizer, tmp_path)
+    sft_dir = tmp_path / "sft_ref"
+    metadata = read_metadata(str(sft_dir))
+    del metadata["weight_sha256"]  # as written by version 1
+    (sft_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    truncate(sft_dir / "model.safetensors")
+    message = f"The SFT reference's weight file model.safetensors in {sft_dir} is damaged"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*Remove the folder"):
+        dpo_trainer(tokenizer, tmp_path)
+    assert len(sft_calls) == 1
