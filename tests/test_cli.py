@@ -215,3 +215,72 @@ def test_trls_own_dpo_script_runs_with_its_imports_swapped(
     # Only trl_dpo_ext's trainer logs `num_rejected`: the swapped import is the one that trained
     assert f"'num_rejected': '{num_rejected}'" in result.stdout, result.stdout[-2000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- the documented commands on a CPU
+
+# COMMON_FLAGS without the two a CPU user had to add: `--bf16 false` and `--use_cpu true`
+CPU_DEFAULT_FLAGS = [
+    flag
+    for pair in zip(COMMON_FLAGS[::2], COMMON_FLAGS[1::2], strict=True)
+    if pair[0] not in ("--bf16", "--use_cpu")
+    for flag in pair
+]
+ARITHMETIC_ROWS = [
+    {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": [str(a + b + 1), "x"]}
+    for a in range(3)
+    for b in range(3)
+]
+
+
+@pytest.fixture
+def no_bf16_gpu(monkeypatch):
+    """A machine without a bf16-capable GPU, as CI's: a no-op there, simulated on a machine with one."""
+    import transformers.training_args
+
+    import trl_dpo_ext.config
+
+    monkeypatch.setattr(trl_dpo_ext.config, "is_torch_bf16_gpu_available", lambda: False, raising=False)
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: False)
+
+
+def test_dpo_command_trains_on_a_cpu_without_precision_or_device_flags(no_bf16_gpu, model_dir, tmp_path, caplog):
+    assert "--bf16" not in CPU_DEFAULT_FLAGS and "--use_cpu" not in CPU_DEFAULT_FLAGS
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", ARITHMETIC_ROWS)
+    argv = ["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data.parent)]
+    with caplog.at_level("WARNING", logger="trl_dpo_ext.config"):
+        assert cli.main([*argv, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", *CPU_DEFAULT_FLAGS]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "trl_dpo_ext.config"]
+    assert len(lines) == 1 and lines[0].startswith("No bf16-capable accelerator found, so `bf16` (not set) is False")
+    assert "lm_head.weight" in changed_parameters(model_dir, tmp_path / "out")
+
+
+def test_bf16_on_a_cpu_is_off_unless_asked_for(no_bf16_gpu, tmp_path):
+    parser = cli.make_dpo_parser()
+    flags = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    assert parser.parse_args_and_config(flags)[1].bf16 is False
+    # TRL's own behaviour where bf16 is asked for: on the CPU with `--use_cpu true` (autocast), else its error
+    assert parser.parse_args_and_config([*flags, "--use_cpu", "true"])[1].bf16 is True
+    with pytest.raises(ValueError, match=re.escape("Your setup doesn't support bf16/gpu")):
+        parser.parse_args_and_config([*flags, "--bf16", "true"])
+
+
+def test_torchrun_on_a_cpu_without_use_cpu_fails_before_any_work_saying_what_to_add(model_dir, tmp_path):
+    """Without `--use_cpu true` the Trainer does not treat the processes as one run: each would train alone, and
+    with `ref_init` they raced on `sft_ref` (`OSError: Directory not empty`)."""
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", ARITHMETIC_ROWS)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trl_dpo_ext",
+        "dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data.parent), "--output_dir", str(out),
+        "--ref_init", "sft_on_chosen", "--ref_init_max_steps", "1", "--max_steps", "1", *CPU_DEFAULT_FLAGS,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    message = (
+        "This process is one of WORLD_SIZE=2 started by a launcher (torchrun, accelerate launch), but the Trainer"
+    )
+    assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # each rank says it
+    assert "add `--use_cpu true`" in result.stderr
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
