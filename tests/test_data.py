@@ -8,7 +8,7 @@ from conftest import make_args, policy_and_ref
 from datasets import Dataset, IterableDataset
 
 from trl_dpo_ext import DPOTrainer, ref_init
-from trl_dpo_ext.toy import tiny_causal_lm
+from trl_dpo_ext.quickstart import tiny_causal_lm
 
 
 SFT = {"ref_init": "sft_on_chosen", "ref_init_max_steps": 1}

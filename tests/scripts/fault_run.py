@@ -29,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from trl_dpo_ext import DPOConfig, DPOTrainer, ref_init  # noqa: E402
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm  # noqa: E402
 
 
 def kill() -> None:
@@ -69,22 +69,19 @@ def main(output_dir: str) -> None:
         for b in range(4)
     ]
     args = DPOConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=4,
-        save_strategy="steps",
-        save_steps=2,
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        ref_init="sft_on_chosen",
-        ref_init_max_steps=2,
-        ref_init_learning_rate=3e-3,
+        **cpu_training_args(
+            output_dir,
+            use_cpu=True,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            logging_steps=1,
+            ref_init="sft_on_chosen",
+            ref_init_max_steps=2,
+            ref_init_learning_rate=3e-3,
+        )
     )
     trainer = DPOTrainer(
         model=tiny_causal_lm(len(tokenizer)),
