@@ -185,14 +185,9 @@ class DPOTrainer(trl.DPOTrainer):
     # ------------------------------------------------------------------ data
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        eos_token, spec = tokenizer_of(self).eos_token, self.loss_spec
         return prepare_preference_dataset(
-            dataset,
-            processing_class,
-            tokenizer_of(self).eos_token,
-            args,
-            dataset_name,
-            self.loss_spec,
-            self._vocab_size,
+            dataset, processing_class, eos_token, args, dataset_name, spec, self._vocab_size
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
