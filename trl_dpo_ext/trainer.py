@@ -7,7 +7,8 @@ sequences per example, not the 2K of rows expanded to pairs).
 The trainer only overrides TRL's seams and delegates: the data to `data.py` and `collator.py`, the forward and
 log-probs to `forward.py` (and `prefix_sharing.py`), the loss to one `LossSpec` (`loss_spec.py`, over the pure math of
 `losses.py`), the metrics to `metrics.py`, the gradient-weight diagnostics to `diagnostics.py` and the reference
-initialisation to `ref_init.py`. The private TRL methods it overrides, and why, are listed in
+initialisation to `ref_init.py`, the Hub model card's method and paper to `model_card.py`, and the sharing of an
+in-memory dataset between processes to `distributed.py`. The private TRL methods it overrides, and why, are listed in
 `_trl_compat.OVERRIDDEN_DPO_METHODS`; every private attribute it reads goes through `_trl_compat`.
 """
 
@@ -41,6 +42,7 @@ from .data import (
     prepare_preference_dataset,
 )
 from .diagnostics import GradWeightDiagnostics
+from .distributed import share_in_memory_dataset
 from .forward import (
     chosen_nll,
     model_inputs,
@@ -53,6 +55,7 @@ from .forward import (
 )
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
+from .model_card import card_method
 from .prefix_sharing import check_prefix_sharing
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
@@ -92,6 +95,15 @@ class DPOTrainer(trl.DPOTrainer):
     """
 
     _tag_names = ["trl", "dpo", "trl-dpo-ext"]
+
+    # TRL's `create_model_card` writes "trained with {_name}, a method introduced in {_paper}": name the reduction
+    @property
+    def _name(self) -> str:
+        return card_method(self.rejected_reduction, self.args.loss_type).name
+
+    @property
+    def _paper(self) -> dict[str, str]:
+        return card_method(self.rejected_reduction).paper
 
     def __init__(
         self,
@@ -201,6 +213,7 @@ class DPOTrainer(trl.DPOTrainer):
             self._check_ref_logps(dataset, name)
             return dataset
         if isinstance(dataset, Dataset):
+            dataset = share_in_memory_dataset(dataset, self.accelerator)  # TRL's cache file, read by every process
             # Every row's reference log-probs of the rejected are padded to this length (NaN), so that TRL's
             # precompute can gather and store them; the collator reads each row's first K values.
             self._precompute_num_rejected = max(dataset["num_rejected"], default=1)
