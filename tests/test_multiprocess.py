@@ -1,4 +1,6 @@
-"""Two CPU processes (torchrun, gloo) × batch 2 train exactly as one process × batch 4, with no code change."""
+"""Two CPU processes (gloo) × batch 2 train exactly as one process × batch 4, with no code change: under DDP
+(torchrun) and under FSDP2 (accelerate's `fsdp2` config, TRL's packaged one), with a live reference, precomputed
+reference log-probs (from files and from an in-memory dataset) and the SFT-on-chosen reference."""
 
 import json
 import os
@@ -8,43 +10,83 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from trl_dpo_ext.launch import resolve_accelerate_config
 from trl_dpo_ext.quickstart import SortDigitsTask, char_tokenizer, tiny_causal_lm
 
 
-SCRIPT = Path(__file__).parent / "scripts" / "multiprocess_dpo.py"
-SETTINGS = ("precompute_ref", "sft_ref_init")  # see SETTINGS in the script
+SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPT = SCRIPTS / "multiprocess_dpo.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# Each multi-process run trains the settings it is compared on (see SETTINGS in the script); one process trains all
+RUNS = {
+    "ddp": ("precompute_ref", "precompute_in_memory", "sft_ref_init"),
+    "fsdp2": ("live_ref", "precompute_ref", "sft_ref_init"),
+}
+CASES = [(run, setting) for run, settings in RUNS.items() for setting in settings]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def launch(prefix: list[str], data: Path, out: Path, batch_size: int) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [*prefix, str(SCRIPT), str(data), str(out), "--per_device_train_batch_size", str(batch_size)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out.parent)
+def run_command(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=cwd)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict[str, dict]]:
-    """Each setting trained twice: on 1 process with batch 4, and on 2 processes with batch 2 each."""
-    tmp = tmp_path_factory.mktemp("multiprocess")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama (1 layer) and its character tokenizer: every run loads its policy and reference from here."""
+    path = tmp_path_factory.mktemp("multiprocess") / "tiny-model"
+    tokenizer = char_tokenizer(chat_template=None)
+    tiny_causal_lm(len(tokenizer), seed=0, hidden_size=32, num_hidden_layers=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir) -> dict[str, dict[str, dict]]:
+    """Every setting on 1 process with batch 4; those of `RUNS` on 2 processes with batch 2 each."""
+    tmp = model_dir.parent
     task = SortDigitsTask()
     # 1 to 3 rejected per row: the per-example mean over a ragged K must shard exactly too
     rows = task.preference_rows(task.prompts(24, seed=0), seed=0)
     data = tmp / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    launch([sys.executable], data, tmp / "one", batch_size=4)
-    launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], data, tmp / "two", 2
-    )
+
+    def script(out: str, batch_size: int, settings=None) -> list[str]:
+        args = [
+            str(SCRIPT),
+            str(data),
+            str(model_dir),
+            str(tmp / out),
+            "--per_device_train_batch_size",
+            str(batch_size),
+        ]
+        return args + (["--settings", ",".join(settings)] if settings else [])
+
+    run_command([sys.executable, *script("one", 4)], tmp)
+    run_command([*TORCHRUN, *script("ddp", 2, RUNS["ddp"])], tmp)
+    fsdp2_config = resolve_accelerate_config(["--accelerate_config", "fsdp2"])  # TRL's packaged fsdp2.yaml
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", *fsdp2_config, "--num_processes", "2"]
+    # The packaged config asks for bf16; these CPU runs compare float32 weights
+    run_command([*accelerate, "--mixed_precision", "no", *script("fsdp2", 2, RUNS["fsdp2"]), "--fsdp_on_cpu"], tmp)
     return {
-        setting: {name: torch.load(tmp / name / f"{setting}.pt") for name in ("one", "two")} for setting in SETTINGS
+        name: {setting: torch.load(tmp / name / f"{setting}.pt") for setting in SETTINGS_OF[name]}
+        for name in ("one", *RUNS)
     }
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_two_processes_of_batch_2_match_one_process_of_batch_4(runs, setting):
-    one, two = runs[setting]["one"], runs[setting]["two"]
+SETTINGS_OF = {"one": sorted({s for settings in RUNS.values() for s in settings}), **RUNS}
+
+
+@pytest.mark.parametrize("run, setting", CASES)
+def test_two_processes_of_batch_2_match_one_process_of_batch_4(runs, model_dir, run, setting):
+    one, two = runs["one"][setting], runs[run][setting]
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    if run == "fsdp2":  # accelerate's FSDP2 path, not DDP under another name: the model is sharded by fully_shard
+        assert two["distributed_type"] == "FSDP" and two["fully_sharded"]
+    else:
+        assert two["distributed_type"] == "MULTI_CPU" and not two["fully_sharded"]
     assert len(one["losses"]) == 3
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-6, rtol=1e-5)
     assert two["accuracies"] == pytest.approx(one["accuracies"])
@@ -54,42 +96,36 @@ def test_two_processes_of_batch_2_match_one_process_of_batch_4(runs, setting):
         torch.testing.assert_close(
             torch.tensor(two["sft_losses"]), torch.tensor(one["sft_losses"]), atol=1e-6, rtol=1e-5
         )
-    initial = initial_weights()
+    initial = load_file(model_dir / "model.safetensors")
+    assert one["state_dict"].keys() == two["state_dict"].keys() == initial.keys()
     for name, weight in one["state_dict"].items():
-        torch.testing.assert_close(two["state_dict"][name], weight, atol=1e-5, rtol=1e-4, msg=name)
-        # The weights moved far beyond the tolerance, so matching them means something
+        # SGD: the weights are linear in the summed gradients, so sharding leaves only float32 rounding
+        torch.testing.assert_close(two["state_dict"][name], weight, atol=1e-5, rtol=0, msg=name)
+        # Every weight moved far beyond that tolerance (the least, attention's q/k, by about 2e-4)
+        assert (weight - initial[name]).abs().max() > 1e-4, f"{name} barely moved"
+
+
+@pytest.mark.parametrize("run, setting", [case for case in CASES if "precompute" in case[1] or "sft" in case[1]])
+def test_reference_log_probs_precomputed_on_two_processes_equal_one_process(runs, run, setting):
+    """Computed once, on each process's shard, then shared: every row's value equals the one-process pass."""
+    one, two = runs["one"][setting], runs[run][setting]
+    num_rows = len(one["ref_chosen_logps"])  # the prepared rows (those that fit `max_length`)
+    assert num_rows > 16 and one["ref_rejected_logps"].shape == (num_rows, 3)
+    assert one["ref_rejected_logps"].isnan().any(), "rows with fewer than 3 rejected are padded"
+    torch.testing.assert_close(two["ref_chosen_logps"], one["ref_chosen_logps"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(two["ref_rejected_logps"], one["ref_rejected_logps"], atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_fully_shard_trains_on_cpu_processes_with_gloo(tmp_path):
+    """The ground floor of the FSDP2 runs: torch's `fully_shard` alone, 2 gloo processes, against no sharding."""
+    out = tmp_path / "fully_shard.pt"
+    run_command([*TORCHRUN, str(SCRIPTS / "fully_shard_gloo.py"), str(out)], tmp_path)
+    result = torch.load(out)
+    assert result["world_size"] == 2 and result["all_dtensors"]
+    assert result["local_shapes"]["0.weight"] == (8, 8), "each process holds half of the (16, 8) weight"
+    torch.manual_seed(0)  # the script's `make_model`
+    initial = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).state_dict()
+    assert result["sharded"].keys() == result["reference"].keys() == initial.keys()
+    for name, weight in result["reference"].items():
+        torch.testing.assert_close(result["sharded"][name], weight, atol=1e-6, rtol=0, msg=name)
         assert (weight - initial[name]).abs().max() > 1e-3, f"{name} barely moved"
-
-
-def initial_weights() -> dict[str, torch.Tensor]:
-    """The script's starting model (`tiny_model` in tests/scripts/multiprocess_dpo.py), built the same way."""
-    return tiny_causal_lm(
-        len(char_tokenizer(chat_template=None)), seed=0, hidden_size=32, num_hidden_layers=1
-    ).state_dict()
-
-
-@pytest.mark.parametrize(
-    "name, distributed_type, num_processes, num_machines",
-    [
-        ("multi_gpu", "MULTI_GPU", 8, 1),
-        ("deepspeed_zero2", "DEEPSPEED", 8, 1),
-        ("deepspeed_zero3", "DEEPSPEED", 8, 1),
-        ("fsdp2", "FSDP", 8, 1),
-        ("two_nodes", "MULTI_GPU", 16, 2),
-    ],
-)
-def test_example_accelerate_configs_load(name, distributed_type, num_processes, num_machines):
-    """The shipped configs parse with accelerate's own loader (what they do on GPUs is not exercised on CPU)."""
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    path = Path(__file__).parents[1] / "examples" / "accelerate_configs" / f"{name}.yaml"
-    config = load_config_from_file(str(path))
-    assert (config.distributed_type.value, config.num_processes, config.num_machines) == (
-        distributed_type,
-        num_processes,
-        num_machines,
-    )
-    if distributed_type == "DEEPSPEED":
-        assert config.deepspeed_config["zero_stage"] == int(name[-1])
-    if distributed_type == "FSDP":
-        assert config.fsdp_config["fsdp_version"] == 2

@@ -1,35 +1,39 @@
 """A few K-rejected DPO steps on a tiny model, per setting; the main process saves the losses and final weights.
 
-The same script on one process or on several, with no code change (`tests/test_multiprocess.py` runs both):
+The same script on one process or on several, with no code change (`tests/test_multiprocess.py` runs all three):
 
 ```bash
-python tests/scripts/multiprocess_dpo.py rows.jsonl out_1x4 --per_device_train_batch_size 4
-torchrun --standalone --nproc_per_node 2 tests/scripts/multiprocess_dpo.py rows.jsonl out_2x2 \
+python tests/scripts/multiprocess_dpo.py rows.jsonl tiny-model out_1x4 --per_device_train_batch_size 4
+torchrun --standalone --nproc_per_node 2 tests/scripts/multiprocess_dpo.py rows.jsonl tiny-model out_ddp \
     --per_device_train_batch_size 2
+accelerate launch --config_file <trl>/accelerate_configs/fsdp2.yaml --num_processes 2 --mixed_precision no \
+    tests/scripts/multiprocess_dpo.py rows.jsonl tiny-model out_fsdp --per_device_train_batch_size 2 --fsdp_on_cpu
 ```
 
-Each setting of `SETTINGS` trains a fresh model in `<out>/<setting>/` and saves `<out>/<setting>.pt`. The rows are
-read from a JSON-lines file, as `trl-dpo-ext dpo` reads them: precomputed reference log-probs are cached next to the
-dataset's own cache files, which every process must see (`datasets` keeps the cache of an in-memory dataset in a
-per-process temporary folder, where the other processes cannot find it).
+Each setting of `SETTINGS` trains a fresh model (loaded from the model folder) in `<out>/<setting>/` and saves
+`<out>/<setting>.pt`. The rows are read from a JSON-lines file, as `trl-dpo-ext dpo` reads them, except in the
+`*_in_memory` settings, which build the dataset in memory (`Dataset.from_list`): its precomputed reference log-probs
+must reach every process without a cache folder they share.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import torch
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm
 
 
 # name -> DPOConfig fields of the setting (the K-rejected "mean" loss in all of them)
 SETTINGS = {
+    "live_ref": {},
     "precompute_ref": {"precompute_ref_log_probs": True},
+    "precompute_in_memory": {"precompute_ref_log_probs": True},
     "sft_ref_init": {
         "precompute_ref_log_probs": True,
         "ref_init": "sft_on_chosen",
@@ -39,18 +43,45 @@ SETTINGS = {
 }
 
 
-def tiny_model(vocab_size: int):
-    return tiny_causal_lm(vocab_size, seed=0, hidden_size=32, num_hidden_layers=1)
+def enable_fsdp_on_cpu() -> None:
+    """Let accelerate's FSDP plugin run on CPU processes (gloo), as it runs on GPUs.
+
+    accelerate 1.15 turns `distributed_type` into FSDP only for accelerator types (`MULTI_GPU`, ...): on CPUs it keeps
+    `MULTI_CPU` and wraps the model in DDP. torch's `fully_shard` itself runs on CPU with gloo
+    (`tests/scripts/fully_shard_gloo.py`), so this lifts that one condition, after `AcceleratorState` has set
+    everything else up from the launcher's FSDP config; the rest (`fsdp2_prepare_model`, the full-state-dict
+    gather) is accelerate's and transformers' own code.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # read back by later instances
+
+    AcceleratorState.__init__ = init_with_fsdp_on_cpu
 
 
-def train(data: str, out: str, setting: str, batch_size: int, max_steps: int) -> None:
-    tokenizer = char_tokenizer(chat_template=None)
-    dataset = load_dataset("json", data_files=data, split="train", cache_dir=os.path.join(out, "hf_cache"))
+def load_rows(data: str, out: str, in_memory: bool) -> Dataset:
+    if in_memory:
+        with open(data) as f:
+            return Dataset.from_list([json.loads(line) for line in f])
+    return load_dataset("json", data_files=data, split="train", cache_dir=os.path.join(out, "hf_cache"))
+
+
+def train(data: str, model_dir: str, out: str, setting: str, batch_size: int, max_steps: int, lr: float) -> None:
     config = DPOConfig(
         output_dir=os.path.join(out, setting),  # shared by the processes: the SFT reference is saved there
         per_device_train_batch_size=batch_size,
         max_steps=max_steps,
-        learning_rate=1e-2,  # large, so that a few steps move the weights far beyond float32 noise
+        optim="sgd",  # the final weights are then linear in the summed gradients: sharding changes only rounding
+        learning_rate=lr,  # large, so that a few steps move the weights far beyond float32 noise
+        lr_scheduler_type="constant",
         beta=0.1,
         logging_steps=1,
         save_strategy="no",
@@ -62,24 +93,30 @@ def train(data: str, out: str, setting: str, batch_size: int, max_steps: int) ->
         disable_tqdm=True,
         **SETTINGS[setting],
     )
-    # A fresh model from the seeded config (the reference comes from it: precomputed, never a copy of the policy)
-    trainer = DPOTrainer(
-        model=tiny_model(len(tokenizer)), args=config, train_dataset=dataset, processing_class=tokenizer
-    )
+    # The model and its reference are loaded from the folder (under FSDP TRL loads the reference from the same path)
+    dataset = load_rows(data, out, in_memory=setting.endswith("_in_memory"))
+    trainer = DPOTrainer(model=model_dir, args=config, train_dataset=dataset)
     trainer.train()
     logs = trainer.state.log_history
+    # Every process takes part in the gather of a sharded model; the main process gets the full weights
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.accelerator.is_main_process:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        torch.save(
-            {
-                "losses": [log["loss"] for log in logs if "loss" in log],
-                "accuracies": [log["rewards/accuracies"] for log in logs if "rewards/accuracies" in log],
-                "sft_losses": [log["sft_ref/loss"] for log in _sft_logs(config) if "sft_ref/loss" in log],
-                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "world_size": trainer.accelerator.num_processes,
-            },
-            os.path.join(out, f"{setting}.pt"),
-        )
+        from torch.distributed.fsdp import FSDPModule
+
+        result = {
+            "losses": [log["loss"] for log in logs if "loss" in log],
+            "accuracies": [log["rewards/accuracies"] for log in logs if "rewards/accuracies" in log],
+            "sft_losses": [log["sft_ref/loss"] for log in _sft_logs(config) if "sft_ref/loss" in log],
+            "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+            "world_size": trainer.accelerator.num_processes,
+            "distributed_type": trainer.accelerator.distributed_type.value,
+            "fully_sharded": isinstance(trainer.model, FSDPModule),
+        }
+        if config.precompute_ref_log_probs:
+            # In the rows' order, padded with NaN to the largest number of rejected
+            result["ref_chosen_logps"] = torch.tensor(trainer.train_dataset["ref_chosen_logps"])
+            result["ref_rejected_logps"] = torch.tensor(trainer.train_dataset["ref_rejected_logps"])
+        torch.save(result, os.path.join(out, f"{setting}.pt"))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -95,14 +132,29 @@ def _sft_logs(config: DPOConfig) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data", help="JSON lines of {'prompt', 'chosen', 'rejected': [...]}")
+    parser.add_argument("model", help="folder of the tiny model and its tokenizer")
     parser.add_argument("out", help="folder for the runs and the saved results")
     parser.add_argument("--per_device_train_batch_size", type=int, required=True)
     parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--learning_rate", type=float, default=1.0)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    parser.add_argument("--fsdp_on_cpu", action="store_true", help="run accelerate's FSDP config on CPU processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.fsdp_on_cpu:
+        enable_fsdp_on_cpu()
     for setting in args.settings.split(","):
-        train(args.data, args.out, setting, args.per_device_train_batch_size, args.max_steps)
+        train(
+            args.data,
+            args.model,
+            args.out,
+            setting,
+            args.per_device_train_batch_size,
+            args.max_steps,
+            args.learning_rate,
+        )
+    if torch.distributed.is_initialized():  # else a gloo thread may abort the interpreter's exit (FSDP on CPU)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
