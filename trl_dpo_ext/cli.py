@@ -5,24 +5,30 @@ trl-dpo-ext quickstart                      # offline: SFT-on-chosen + K-rejecte
 trl-dpo-ext dpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name ./my_jsonl_folder \\
     --output_dir Qwen2.5-0.5B-DPO --rejected_reduction mean --ref_init sft_on_chosen
 trl-dpo-ext dpo --config recipe.yaml        # any flag of `trl dpo` (every DPOConfig field) as YAML
+trl-dpo-ext dpo --config recipe.yaml --accelerate_config zero3 --num_processes 8   # launches accelerate, as `trl dpo`
 trl-dpo-ext sft-ref ...                     # SFT-on-chosen reference initialisation alone
 trl-dpo-ext report ...                      # gradient-weight diagnostics
+trl-dpo-ext env                             # versions, for bug reports
 ```
 
 `dpo` takes the flags of TRL's `trl dpo` (`ScriptArguments`, `DPOConfig`, `ModelConfig`, `DatasetMixtureConfig`),
-with `trl_dpo_ext.DPOConfig` in place of `trl.DPOConfig`, and trains in this process. `--dataset_name` is a Hub id
-or a local folder or file of JSON lines, pairwise (`"rejected": str`) or with a list of rejected. On several
-processes or machines, run the same command through accelerate:
+with `trl_dpo_ext.DPOConfig` in place of `trl.DPOConfig`. `--dataset_name` is a Hub id or a local folder or file of
+JSON lines, pairwise (`"rejected": str`) or with a list of rejected. `dpo` and `sft-ref` train in this process, or,
+given `--accelerate_config NAME|PATH`, `--num_processes N` or any other flag of `accelerate launch`, launch accelerate
+with them (see `trl_dpo_ext/launch.py`); `accelerate launch -m trl_dpo_ext dpo ...` and `torchrun` work too.
 
-```bash
-accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml -m trl_dpo_ext dpo --config recipe.yaml
-```
+Only the command that runs imports torch, transformers and TRL; `--help` of a command is cached (see `command_help`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import shutil
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -33,7 +39,15 @@ COMMANDS = {
     "dpo": "Train with DPO on one chosen and K rejected responses (the flags of `trl dpo`, plus trl_dpo_ext's).",
     "sft-ref": "SFT-on-chosen reference initialisation: fine-tune a model on the chosen responses of a dataset.",
     "report": "Gradient-weight diagnostics of a preference dataset under a model.",
+    "env": "Print the versions of Python, torch (and CUDA), transformers, TRL, accelerate, PEFT, datasets and this.",
 }
+
+LAUNCHER_HELP = (
+    "Several processes: `--accelerate_config NAME|PATH` (a file, or one of TRL's packaged configs: single_gpu, "
+    "multi_gpu, zero1, zero2, zero3, fsdp1, fsdp2), `--num_processes N` and any other flag of `accelerate launch`, on "
+    "the command line or in the YAML of --config, start `accelerate launch ... -m trl_dpo_ext <command> ...`, as "
+    "`trl dpo` does. Without them the command runs in this process."
+)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -57,7 +71,16 @@ def make_dpo_parser(prog: str = "trl-dpo-ext dpo"):
 
     from .config import DPOConfig
 
-    return TrlParser((ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    return TrlParser((ScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog, epilog=LAUNCHER_HELP)
+
+
+def make_sft_ref_parser(prog: str = "trl-dpo-ext sft-ref"):
+    """The parser of `sft-ref`: `ScriptArguments` (dataset), `DPOConfig` (with `ref_init_*`), `ModelConfig`."""
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from .config import DPOConfig
+
+    return TrlParser((ScriptArguments, DPOConfig, ModelConfig), prog=prog, epilog=LAUNCHER_HELP)
 
 
 def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any) -> Any:
@@ -129,23 +152,26 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
     return trainer
 
 
-def make_sft_ref_parser(prog: str = "trl-dpo-ext sft-ref"):
-    """The parser of `sft-ref`: `ScriptArguments` (dataset), `DPOConfig` (with `ref_init_*`), `ModelConfig`."""
-    from trl import ModelConfig, ScriptArguments, TrlParser
-
-    from .config import DPOConfig
-
-    return TrlParser((ScriptArguments, DPOConfig, ModelConfig), prog=prog)
+def _train_dpo(parsed: tuple) -> None:
+    trainer = dpo(*parsed)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and destroy the process group
+        trainer.end()
 
 
-def sft_ref_main(argv: list[str]) -> str:
-    """`trl-dpo-ext sft-ref`: make the SFT reference of a preference dataset, save it, and print its folder."""
+def dpo_main(argv: list[str]) -> int:
+    """`trl-dpo-ext dpo`: train in this process, or launch accelerate when given its flags."""
+    from .launch import run_or_launch
+
+    return run_or_launch("dpo", argv, make_dpo_parser(), _train_dpo)
+
+
+def sft_ref(script_args: Any, args: Any, model_args: Any) -> str:
+    """Make the SFT reference of a preference dataset, save it, and print its folder (main process)."""
     from trl import get_peft_config
 
     from .convert import load_preference_dataset
     from .ref_init import train_sft_reference
 
-    script_args, args, model_args = make_sft_ref_parser().parse_args_and_config(args=argv)
     if not model_args.model_name_or_path:
         raise ValueError("`--model_name_or_path` is required: the base model to fine-tune on the chosen responses.")
     if not script_args.dataset_name:
@@ -172,13 +198,108 @@ def sft_ref_main(argv: list[str]) -> str:
     return sft_dir
 
 
-def dpo_main(argv: list[str]) -> int:
-    parser = make_dpo_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
-    trainer = dpo(script_args, training_args, model_args, dataset_args)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and destroy the process group
-        trainer.end()
+def sft_ref_main(argv: list[str]) -> int:
+    """`trl-dpo-ext sft-ref`: in this process, or launch accelerate when given its flags."""
+    from .launch import run_or_launch
+
+    return run_or_launch("sft-ref", argv, make_sft_ref_parser(), lambda parsed: sft_ref(*parsed))
+
+
+# ------------------------------------------------------------------------------------------------------------- env
+
+
+ENV_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets", "deepspeed")
+
+
+def environment() -> dict[str, str]:
+    """What a bug report needs, as `trl env` prints it: platform, Python, this package and its stack."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    info = {
+        "Platform": platform.platform(),
+        "Python version": platform.python_version(),
+        "trl-dpo-ext version": f"{__version__} ({Path(__file__).parent})",
+    }
+    for name in ENV_PACKAGES:
+        try:
+            info[f"{name} version"] = version(name)
+        except PackageNotFoundError:
+            info[f"{name} version"] = "not installed"
+    info["CUDA (torch built with)"] = torch.version.cuda or "none (CPU build)"
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["GPUs"] = ", ".join(devices) if devices else "none"
+    return info
+
+
+def env_main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="trl-dpo-ext env", description=COMMANDS["env"]).parse_args(argv)
+    lines = "\n".join(f"- {key}: {value}" for key, value in environment().items())
+    print(f"\nCopy-paste the following information when reporting an issue:\n\n{lines}\n")
     return 0
+
+
+# -------------------------------------------------------------------------------------------------- cached --help
+
+
+def _parser_of(command: str) -> argparse.ArgumentParser:
+    if command == "dpo":
+        return make_dpo_parser()
+    if command == "sft-ref":
+        return make_sft_ref_parser()
+    if command == "report":
+        from .report import make_parser
+
+        return make_parser()
+    from .quickstart import make_parser
+
+    return make_parser()
+
+
+def help_cache_path(command: str) -> Path:
+    """Where `trl-dpo-ext <command> --help` is kept: one file per version of everything its text depends on.
+
+    The key: the versions of the libraries whose dataclasses make the flags, the bytes of this package's sources, the
+    Python version and the terminal width (argparse wraps to it). Nothing here imports them.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    key = hashlib.sha256(f"{command} {sys.version} {shutil.get_terminal_size().columns}".encode())
+    for name in ("trl", "transformers", "accelerate", "peft", "datasets", "torch"):
+        try:
+            key.update(f"{name}={version(name)}".encode())
+        except PackageNotFoundError:
+            key.update(f"{name}=none".encode())
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        key.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "trl-dpo-ext" / "help" / f"{command}-{key.hexdigest()[:20]}.txt"
+
+
+def command_help(command: str, build: Callable[[str], argparse.ArgumentParser] = _parser_of) -> str:
+    """The `--help` text of a command, from the cache, else built (importing torch, transformers, TRL) and cached.
+
+    Building the parser of `dpo` means importing `DPOConfig`, hence transformers and torch (4-5 s, more on a busy
+    machine); the cached text answers in a fraction of a second.
+    """
+    path = help_cache_path(command)
+    if path.is_file():
+        return path.read_text()
+    text = build(command).format_help()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # atomic: a concurrent reader sees the whole text or none
+    except OSError:
+        pass  # a read-only cache folder: the help is still printed, only built again next time
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------ main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     # Only the command is parsed here (and `-h`/`--version`); the rest goes, untouched, to the command's own parser
     command = parser.parse_args(argv[:1]).command
     rest = argv[1:]
+    if rest in (["-h"], ["--help"]) and command != "env":
+        print(command_help(command), end="")
+        return 0
     if command == "quickstart":
         from .quickstart import main as quickstart_main
 
@@ -197,13 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     if command == "dpo":
         return dpo_main(rest)
     if command == "sft-ref":
-        sft_ref_main(rest)  # returns the reference's folder, which it prints; the exit status is 0
+        sft_ref_main(rest)
         return 0
     if command == "report":
         from .report import main as report_main
 
         report_main(rest)
         return 0
+    if command == "env":
+        return env_main(rest)
     parser.print_help()
     return 2
 
