@@ -14,6 +14,7 @@ import trl
 from conftest import SHARED_DATA
 from transformers import AutoModelForCausalLM
 
+import trl_dpo_ext
 from trl_dpo_ext import cli
 from trl_dpo_ext.convert import rated_to_multi_rejected
 from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm
@@ -161,6 +162,62 @@ def test_unknown_command_fails_and_lists_the_commands(capsys):
     assert cli.main([]) == 0
     help_text = capsys.readouterr().out
     assert all(command in help_text for command in ("quickstart", "dpo", "sft-ref", "report"))
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    )
+
+
+def test_importing_the_cli_and_building_its_parser_imports_no_torch():
+    code = (
+        "import sys; from trl_dpo_ext import cli; cli.make_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'accelerate') if m in sys.modules))"
+    )
+    assert run_python(code).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["dpo", "report"])  # a TrlParser of dataclasses, an argparse parser
+def test_command_help_is_the_parsers_own_and_is_cached(command, tmp_path, monkeypatch):
+    """The first `--help` builds the parser and keeps its text; the next prints it without importing torch."""
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal: the same width here and in the subprocess
+    code = (
+        f"import sys; from trl_dpo_ext import cli; cli.main([{command!r}, '--help']); "
+        "print('torch imported:', 'torch' in sys.modules)"
+    )
+    cache = {"XDG_CACHE_HOME": str(tmp_path), "COLUMNS": "100"}
+    first, second = run_python(code, **cache).stdout, run_python(code, **cache).stdout
+    expected = cli._parser_of(command).format_help()
+    assert first == expected + "torch imported: True\n"
+    assert second == expected + "torch imported: False\n"
+    assert [path.name for path in (tmp_path / "trl-dpo-ext" / "help").iterdir()] == [cli.help_cache_path(command).name]
+
+
+def test_help_cache_key_changes_with_the_versions_and_the_width(monkeypatch):
+    import importlib.metadata
+
+    path = cli.help_cache_path("dpo")
+    monkeypatch.setenv("COLUMNS", "57")
+    wider = cli.help_cache_path("dpo")
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0" if name == "trl" else real_version(name))
+    assert len({path, wider, cli.help_cache_path("dpo")}) == 3
+
+
+def test_env_prints_every_version(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["env"]) == 0
+    lines = dict(line[2:].split(": ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith("- "))
+    assert lines["Python version"] == ".".join(map(str, sys.version_info[:3]))
+    assert lines["trl-dpo-ext version"].startswith(f"{trl_dpo_ext.__version__} (")
+    for name in ("torch", "transformers", "trl", "accelerate", "peft", "datasets"):
+        assert lines[f"{name} version"] == version(name), name
+    assert lines["CUDA (torch built with)"] == (torch.version.cuda or "none (CPU build)")
+    assert lines["GPUs"] == (
+        ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    )
 
 
 def test_console_script_is_installed():

@@ -146,7 +146,8 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
         ]
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    processes = trainer.accelerator.num_processes
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir} (trained on {processes} processes).")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

@@ -67,7 +67,9 @@ def accelerate_launch_args(command: str, launch_args: list[str], command_args: l
     from accelerate.commands.launch import launch_command_parser
 
     launch_args = resolve_accelerate_config(launch_args)
-    known, unknown = launch_command_parser().parse_known_args([*launch_args, "script"])
+    known, unknown = launch_command_parser().parse_known_args([*launch_args, "trl_dpo_ext"])
+    if known.training_script != "trl_dpo_ext":  # a stray value was taken for the script (`--bta 0.2`)
+        unknown = [*unknown, known.training_script, *known.training_script_args[:-1]]
     if unknown:
         raise ValueError(
             f"Unrecognized arguments: {' '.join(unknown)} (neither a flag of `trl-dpo-ext {command}` nor one of "
