@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trl
+import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 
@@ -47,6 +48,14 @@ def test_launcher_builds_the_accelerate_command_for_each_packaged_name(name):
     assert parsed.module and parsed.training_script == "trl_dpo_ext"
     assert parsed.training_script_args == ["dpo", *command_args]
     assert load_config_from_file(parsed.config_file).distributed_type.value == PACKAGED[name]
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "zero2", "zero3", "fsdp2"])
+def test_example_configs_are_trls_packaged_ones_with_comments(name):
+    """`examples/accelerate_configs/<name>.yaml` (for `accelerate launch --config_file` with a script) is
+    `--accelerate_config <name>`: the same settings, so the two never drift apart."""
+    packaged = launch.resolve_accelerate_config(["--accelerate_config", name])[1]
+    assert yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text()) == yaml.safe_load(Path(packaged).read_text())
 
 
 def test_a_config_path_is_used_as_it_is():

@@ -74,7 +74,9 @@ def load_rows(data: str, out: str, in_memory: bool) -> Dataset:
     return load_dataset("json", data_files=data, split="train", cache_dir=os.path.join(out, "hf_cache"))
 
 
-def train(data: str, model_dir: str, out: str, setting: str, batch_size: int, max_steps: int, lr: float) -> None:
+def train(
+    data: str, model_dir: str, out: str, setting: str, batch_size: int, max_steps: int, lr: float, use_cpu: bool
+) -> None:
     config = DPOConfig(
         output_dir=os.path.join(out, setting),  # shared by the processes: the SFT reference is saved there
         per_device_train_batch_size=batch_size,
@@ -88,7 +90,7 @@ def train(data: str, model_dir: str, out: str, setting: str, batch_size: int, ma
         report_to="none",
         bf16=False,
         activation_checkpointing=False,
-        use_cpu=True,
+        use_cpu=use_cpu,
         seed=0,
         disable_tqdm=True,
         **SETTINGS[setting],
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1.0)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
     parser.add_argument("--fsdp_on_cpu", action="store_true", help="run accelerate's FSDP config on CPU processes")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: benchmarks/gpu_distributed.sh")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.fsdp_on_cpu:
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             args.per_device_train_batch_size,
             args.max_steps,
             args.learning_rate,
+            use_cpu=args.device == "cpu",
         )
     if torch.distributed.is_initialized():  # else a gloo thread may abort the interpreter's exit (FSDP on CPU)
         torch.distributed.destroy_process_group()
