@@ -221,7 +221,7 @@ def reduce_over_rejected(
 
 
 def softmax_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, rejected_mask: torch.Tensor, beta: float):
-    """One-vs-K contrastive loss (S-DPO, arXiv 2404.02960; the top-1 term of the Plackett-Luce model):
+    """One-vs-K contrastive loss (S-DPO, arXiv 2406.09215; the top-1 term of the Plackett-Luce model):
 
         L = −log e^{β·s_w} / (e^{β·s_w} + Σ_k e^{β·s_lk})  =  logsumexp(β·[s_w, s_l1..s_lK]) − β·s_w
 
