@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from trl_dpo_ext.tasks import SortDigitsTask
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import SortDigitsTask, char_tokenizer, tiny_causal_lm
 
 
 LOSS_ATOL = 1e-5

@@ -14,7 +14,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 
 from trl_dpo_ext import cli, launch
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm
+from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm
 
 
 # TRL 1.16's packaged configs, with what accelerate reads in each (written out here, not read from the files)

@@ -20,6 +20,10 @@ from packaging.version import Version
 #   weights and the optimizer, scheduler and RNG states; a checkpoint holding it whole is complete (`checkpoints.py`).
 from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401
 
+# `trl dpo`'s resolver: `resolve_accelerate_config_argument(args)` turns `--accelerate_config NAME|PATH` into
+# `--config_file PATH`, NAME being a file of `ACCELERATE_CONFIGS_PACKAGE` (used by `launch.py`).
+from trl.cli.accelerate_config import resolve_accelerate_config_argument  # noqa: F401
+
 # Helpers of TRL that are not in its top-level API:
 # - `_tokenize(processing_class, text_or_messages, **kw)` -> {"input_ids": ...}: tokenizes plain text, or applies the
 #   chat template to messages, exactly as TRL's own dataset preparation does.
@@ -43,6 +47,13 @@ from trl.trainer.utils import (  # noqa: F401
     use_adapter,
 )
 
+
+# The package data of `trl dpo --accelerate_config NAME`: one `<NAME>.yaml` per packaged accelerate config
+ACCELERATE_CONFIGS_PACKAGE = "trl.accelerate_configs"
+
+# Class attributes of TRL's trainers that `create_model_card` reads (the method's name, its paper's title, id and
+# BibTeX, the tags); `trl_dpo_ext.DPOTrainer` gives `_name` and `_paper` as properties of its `rejected_reduction`
+MODEL_CARD_ATTRIBUTES = ("_name", "_paper", "_tag_names")
 
 # The TRL versions the test suite has passed with (pyproject.toml pins the range `trl>=1.16,<2`)
 TESTED_TRL_VERSIONS = ("1.16",)
@@ -134,7 +145,8 @@ def check_trl_version(version: str | None = None) -> bool:
 
 def missing_surface() -> list[str]:
     """The items of the surface above that the installed TRL lacks (class-level checks; an empty list is healthy)."""
-    return [f"trl.DPOTrainer.{name}" for name in OVERRIDDEN_DPO_METHODS if not hasattr(trl.DPOTrainer, name)]
+    missing = [name for name in (*OVERRIDDEN_DPO_METHODS, *MODEL_CARD_ATTRIBUTES) if not hasattr(trl.DPOTrainer, name)]
+    return [f"trl.DPOTrainer.{name}" for name in missing]
 
 
 check_trl_version()

@@ -254,7 +254,7 @@ def _parser_of(command: str) -> argparse.ArgumentParser:
         from .report import make_parser
 
         return make_parser()
-    from .quickstart import make_parser
+    from .quickstart.demo import make_parser
 
     return make_parser()
 

@@ -29,13 +29,15 @@ LAUNCHED_ENV = "TRL_DPO_EXT_LAUNCHED"
 
 def packaged_config_names() -> list[str]:
     """The names `--accelerate_config` takes: TRL's packaged configs (`trl/accelerate_configs/<name>.yaml`)."""
-    files = resources.files("trl.accelerate_configs").iterdir()
+    from ._trl_compat import ACCELERATE_CONFIGS_PACKAGE
+
+    files = resources.files(ACCELERATE_CONFIGS_PACKAGE).iterdir()
     return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
 
 
 def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
     """`--accelerate_config NAME|PATH` -> `--config_file PATH`, resolved by TRL's own `trl dpo` resolver."""
-    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from ._trl_compat import resolve_accelerate_config_argument
 
     try:
         return resolve_accelerate_config_argument(launch_args)

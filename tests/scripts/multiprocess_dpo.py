@@ -27,6 +27,7 @@ import torch
 from datasets import Dataset, load_dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
+from trl_dpo_ext.quickstart import cpu_training_args
 
 
 # name -> DPOConfig fields of the setting (the K-rejected "mean" loss in all of them)
@@ -78,22 +79,18 @@ def train(
     data: str, model_dir: str, out: str, setting: str, batch_size: int, max_steps: int, lr: float, use_cpu: bool
 ) -> None:
     config = DPOConfig(
-        output_dir=os.path.join(out, setting),  # shared by the processes: the SFT reference is saved there
-        per_device_train_batch_size=batch_size,
-        max_steps=max_steps,
-        optim="sgd",  # the final weights are then linear in the summed gradients: sharding changes only rounding
-        learning_rate=lr,  # large, so that a few steps move the weights far beyond float32 noise
-        lr_scheduler_type="constant",
-        beta=0.1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        activation_checkpointing=False,
-        use_cpu=use_cpu,
-        seed=0,
-        disable_tqdm=True,
-        **SETTINGS[setting],
+        **cpu_training_args(
+            os.path.join(out, setting),  # shared by the processes: the SFT reference is saved there
+            per_device_train_batch_size=batch_size,
+            max_steps=max_steps,
+            optim="sgd",  # the final weights are then linear in the summed gradients: sharding changes only rounding
+            learning_rate=lr,  # large, so that a few steps move the weights far beyond float32 noise
+            lr_scheduler_type="constant",
+            beta=0.1,
+            logging_steps=1,
+            use_cpu=use_cpu,
+            **SETTINGS[setting],
+        )
     )
     # The model and its reference are loaded from the folder (under FSDP TRL loads the reference from the same path)
     dataset = load_rows(data, out, in_memory=setting.endswith("_in_memory"))
