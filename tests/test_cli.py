@@ -155,19 +155,6 @@ def test_sft_ref_and_report_get_the_rest_of_the_command_line(monkeypatch, comman
     assert calls == [["--model_name_or_path", "m", "--x"]]
 
 
-def test_sft_ref_command_trains_the_reference_in_this_process(model_dir, tmp_path, capsys):
-    rows = [
-        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": [str(a + b + 1)]} for a in range(3) for b in range(3)
-    ]
-    data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    argv = ["sft-ref", "--model_name_or_path", str(model_dir), "--dataset_name", str(data)]
-    argv += ["--output_dir", str(tmp_path / "out"), "--ref_init_max_steps", "1", *COMMON_FLAGS]
-    assert cli.main(argv) == 0
-    sft_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sft_dir.parent == tmp_path / "out" and (sft_dir / "model.safetensors").is_file()
-    assert changed_parameters(model_dir, sft_dir), "the SFT stage trained"
-
-
 def test_unknown_command_fails_and_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train"])

@@ -163,7 +163,8 @@ def dpo_main(argv: list[str]) -> int:
     """`trl-dpo-ext dpo`: train in this process, or launch accelerate when given its flags."""
     from .launch import run_or_launch
 
-    return run_or_launch("dpo", argv, make_dpo_parser(), _train_dpo)
+    run_or_launch("dpo", argv, make_dpo_parser(), _train_dpo)
+    return 0
 
 
 def sft_ref(script_args: Any, args: Any, model_args: Any) -> str:
@@ -199,8 +200,9 @@ def sft_ref(script_args: Any, args: Any, model_args: Any) -> str:
     return sft_dir
 
 
-def sft_ref_main(argv: list[str]) -> int:
-    """`trl-dpo-ext sft-ref`: in this process, or launch accelerate when given its flags."""
+def sft_ref_main(argv: list[str]) -> str | None:
+    """`trl-dpo-ext sft-ref`: the reference's folder, made in this process; or None, made by the processes launched
+    when given accelerate's flags."""
     from .launch import run_or_launch
 
     return run_or_launch("sft-ref", argv, make_sft_ref_parser(), lambda parsed: sft_ref(*parsed))

@@ -101,8 +101,9 @@ def check_sharding_has_a_device(args: list[str]) -> None:
         )
 
 
-def run_or_launch(command: str, argv: list[str], parser: Any, run: Callable[[tuple], Any]) -> int:
-    """Parse `argv` with the command's `TrlParser`; train here (`run(dataclasses)`), or launch accelerate.
+def run_or_launch(command: str, argv: list[str], parser: Any, run: Callable[[tuple], Any]) -> Any:
+    """Parse `argv` with the command's `TrlParser`; train here (returns `run(dataclasses)`), or launch accelerate
+    (returns None once its processes are done).
 
     In a process started by the launcher, the flags left for accelerate (from the YAML too) were the parent's.
     """
@@ -113,12 +114,11 @@ def run_or_launch(command: str, argv: list[str], parser: Any, run: Callable[[tup
     if launched and cli_rest:
         parser.error(f"unrecognized arguments: {' '.join(cli_rest)}")
     if launched or _runs_in_process(config_rest + cli_rest):
-        run(tuple(parsed))
-        return 0
+        return run(tuple(parsed))
     args = accelerate_launch_args(command, config_rest + cli_rest, drop_subsequence(argv, cli_rest))
     check_sharding_has_a_device(args)
     launch(args)
-    return 0
+    return None
 
 
 def launch(args: list[str]) -> None:
