@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from trl_dpo_ext.checkpoints import resolve_resume_checkpoint
-from trl_dpo_ext.ref_init import METADATA_FILE, read_metadata
+from trl_dpo_ext.ref_identity import METADATA_FILE, read_metadata
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "fault_run.py"

@@ -391,7 +391,7 @@ def test_aot_with_several_rejected_fails_at_construction(tokenizer, tmp_path):
 def test_conversational_rows_are_recognised_by_the_chosen_whatever_the_rejected():
     """`trl.is_conversational` inspects an arbitrary column (set order follows the hash seed): a list of rejected
     messages, or an empty list, must not decide it."""
-    from trl_dpo_ext.data import is_conversational_row
+    from trl_dpo_ext.rows import is_conversational_row
 
     message = [{"role": "assistant", "content": "4"}]
     assert is_conversational_row(

@@ -10,8 +10,8 @@ from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
 from ._trl_compat import pad
-from .data import INDEX_COLUMN, rejected_ids_as_list, truncation_slice
 from .prefix_sharing import pack_preference_batch
+from .rows import INDEX_COLUMN, rejected_ids_as_list, truncation_slice
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .data import is_messages, type_name
+from .rows import is_messages, type_name
 
 
 Rows = list[dict[str, Any]] | Dataset

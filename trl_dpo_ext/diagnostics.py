@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
-from .data import INDEX_COLUMN
 from .loss_spec import LossSpec
 from .losses import PreferenceLogps
+from .rows import INDEX_COLUMN
 
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ from ._trl_compat import (
     prefix_metrics,
 )
 from .config import check_distributed_launch
-from .data import load_processing_class, model_vocab_size, preference_to_sft_dataset
+from .data import load_processing_class, preference_to_sft_dataset
 from .ref_identity import (
     METADATA_FILE,
     METADATA_VERSION,
@@ -58,6 +58,7 @@ from .ref_identity import (
     tokenizer_identity,
     weight_checksums,
 )
+from .rows import model_vocab_size
 
 
 logger = get_logger(__name__)

@@ -33,14 +33,7 @@ from ._trl_compat import (
 from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForMultiRejectedPreference
 from .config import DPOConfig, check_distributed_launch
-from .data import (
-    INDEX_COLUMN,
-    check_ref_logps,
-    load_processing_class,
-    model_id,
-    model_vocab_size,
-    prepare_preference_dataset,
-)
+from .data import load_processing_class, model_id, prepare_preference_dataset
 from .diagnostics import GradWeightDiagnostics
 from .distributed import share_in_memory_dataset
 from .forward import (
@@ -57,6 +50,7 @@ from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import card_method
 from .prefix_sharing import check_prefix_sharing
+from .rows import INDEX_COLUMN, check_ref_logps, model_vocab_size
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
     check_image_datasets,

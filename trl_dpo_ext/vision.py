@@ -35,18 +35,18 @@ from trl import apply_chat_template, prepare_multimodal_messages
 
 from ._trl_compat import multimodal_rope_index
 from .collator import DataCollatorForMultiRejectedPreference
-from .data import (
+from .data import extract_prompt_multi
+from .prefix_sharing import PAD_SEGMENT, pack_example
+from .rows import (
     INDEX_COLUMN,
     TEXT_COLUMNS,
-    _error,
     check_scores,
-    extract_prompt_multi,
     is_conversational_row,
     is_messages,
     rejected_as_list,
     require_values,
+    row_error,
 )
-from .prefix_sharing import PAD_SEGMENT, pack_example
 
 
 IMAGE_COLUMNS = ("image", "images")
@@ -99,14 +99,14 @@ def row_responses(example: dict[str, Any], idx: int) -> tuple[Any, list, bool]:
     prompt, chosen = example["prompt"], example["chosen"]
     if conversational:
         if not is_messages(prompt):
-            raise _error(idx, "prompt", "a list of messages", prompt)
+            raise row_error(idx, "prompt", "a list of messages", prompt)
         if not is_messages(chosen):
-            raise _error(idx, "chosen", "a list of messages", chosen)
+            raise row_error(idx, "chosen", "a list of messages", chosen)
     else:
         if not isinstance(prompt, str):
-            raise _error(idx, "prompt", "a str (with the processor's image token) or a list of messages", prompt)
+            raise row_error(idx, "prompt", "a str (with the processor's image token) or a list of messages", prompt)
         if not isinstance(chosen, str):
-            raise _error(idx, "chosen", "a str or a list of messages", chosen)
+            raise row_error(idx, "chosen", "a str or a list of messages", chosen)
     return prompt, [chosen, *rejected_as_list(example["rejected"], conversational, idx)], conversational
 
 
@@ -118,7 +118,7 @@ def row_images(example: dict[str, Any], idx: int) -> list:
         return [example["image"]]
     images = example["images"]
     if not isinstance(images, list):
-        raise _error(idx, "images", "a list of images", images)
+        raise row_error(idx, "images", "a list of images", images)
     return images
 
 
