@@ -75,9 +75,9 @@ step() {  # step SECONDS NAME COMMAND...: at most SECONDS (and what is left of B
 for attn in "${ATTNS[@]}"; do
     arms=(stock ext shared shared-padding-free)
     [[ "$attn" != sdpa ]] && arms=(shared shared-padding-free)  # the padded arms keep SDPA: run once
-    step 110 "uniform 256/256, K=3, packed arms on $attn" \
+    step 110 "uniform lengths, K=3, packed arms on $attn" \
         $PY benchmarks/bench_prefix_sharing.py "${UNIFORM[@]}" --attn "$attn" --arms "${arms[@]}"
-    step 90 "real lengths (AlpacaEval, K=3, max_length 1024), packed arms on $attn" \
+    step 90 "real lengths (AlpacaEval, K=3), packed arms on $attn" \
         $PY benchmarks/bench_real_lengths.py "${REAL[@]}" --data "$CARRY/data" --attn "$attn" --arms "${arms[@]}"
 done
 step 150 "pytest -m gpu" $PY -m pytest -m gpu -q -p no:cacheprovider tests
