@@ -12,7 +12,7 @@ from trl_dpo_ext import DPOConfig, DPOTrainer
 from trl_dpo_ext.collator import DataCollatorForMultiRejectedPreference
 from trl_dpo_ext.forward import sequence_logps as forward_sequence_logps
 from trl_dpo_ext.losses import REJECTED_REDUCTIONS
-from trl_dpo_ext.packed_attention import SEGMENT_SDPA, dense_attention_mask, segment_attention
+from trl_dpo_ext.packed_attention import SEGMENT_SDPA, dense_attention_mask, packed_model_inputs, segment_attention
 from trl_dpo_ext.quickstart import tiny_causal_lm
 
 
@@ -225,6 +225,23 @@ def test_segment_attention_equals_dense_mask_attention_and_its_gradients():
     assert out[~real.expand_as(out)].abs().max() == 0  # padding positions get no attention output
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_varlen_flash_inputs_separate_every_sequence_and_the_row_padding():
+    collator = DataCollatorForMultiRejectedPreference(pad_token_id=0, padding_free=True, token_budget=6)
+    batch = collator(
+        [
+            {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [[4, 5]]},
+            {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [[9]]},
+        ]
+    )
+    # Best-fit decreasing: [1 2 4 5 | 6 9] and [1 2 3 | 6 7 8], rows of 6
+    assert batch["packed_input_ids"].tolist() == [[1, 2, 4, 5, 6, 9], [1, 2, 3, 6, 7, 8]]
+    kwargs, labels = packed_model_inputs(batch, "flash_attention_2")
+    assert kwargs["attention_mask"] is None
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 4, 6, 9, 12]  # the N × L tokens read as one sequence
+    assert kwargs["max_length_q"] == 4 and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+    assert labels.tolist() == [[-100, -100, 4, 5, -100, 9], [-100, -100, 3, -100, 7, 8]]
 
 
 @pytest.mark.parametrize("name", list(PACKINGS))
