@@ -262,6 +262,39 @@ def use_segment_sdpa(model) -> None:
     base.set_attn_implementation(SEGMENT_SDPA)
 
 
+def check_packing_setup(args, data_collator, image_rows: bool) -> None:
+    """Raise, before any work, for a `padding_free=True` run that could not pack: a given collator that does not,
+    or image rows."""
+    if not args.padding_free:
+        return
+    if data_collator is not None and not getattr(data_collator, "padding_free", False):
+        raise ValueError(
+            f"`padding_free=True` needs a collator that lays the batch in packed rows, but the given "
+            f"{type(data_collator).__name__} does not (no `padding_free=True`). Leave `data_collator=None` for "
+            "the default one, pass `DataCollatorForMultiRejectedPreference(..., padding_free=True)`, or set "
+            "`padding_free=False`."
+        )
+    if image_rows:
+        raise NotImplementedError(
+            "`padding_free=True` is not supported for image rows yet (their image inputs are per sequence or per "
+            "example). Set `padding_free=False`; `prefix_sharing=True` works with images."
+        )
+
+
+def prepare_packed_models(
+    models: dict[str, Any], prefix_sharing: bool, padding_free: bool, aux_loss_enabled: bool, image_rows: bool
+) -> None:
+    """Check every model (None skipped) for the packed forward, the policy's router loss too, and switch SDPA text
+    models to the segment-wise kernel. Image rows keep the dense mask: a vision-language model's vision tower shares
+    the attention setting, and the segment-wise kernel failed the LLaVA packed-forward test."""
+    models = {name: model for name, model in models.items() if model is not None}
+    for name, model in models.items():
+        check_model_supports_packing(model, name, prefix_sharing, padding_free, aux_loss_enabled and name == "model")
+    if not image_rows:
+        for model in models.values():
+            use_segment_sdpa(model)
+
+
 # ------------------------------------------------------------ forward
 
 

@@ -5,8 +5,8 @@ is a list of K responses put the chosen and each rejected through the policy and
 sequences per example, not the 2K of rows expanded to pairs).
 
 The trainer only overrides TRL's seams and delegates: the data to `data.py` and `collator.py`, the forward and
-log-probs to `forward.py` (packed rows: `packing.py`, `packed_attention.py`), the loss to one `LossSpec` (`loss_spec.py`, over the pure math of
-`losses.py`), the metrics to `metrics.py`, the gradient-weight diagnostics to `diagnostics.py` and the reference
+log-probs to `forward.py` (packed rows: `packing.py`, `packed_attention.py`), the loss to one `LossSpec`
+(`loss_spec.py`, over the pure math of `losses.py`), the metrics to `metrics.py`, the gradient-weight diagnostics to `diagnostics.py` and the reference
 initialisation to `ref_init.py`, the Hub model card's method and paper to `model_card.py`, and the sharing of an
 in-memory dataset between processes to `distributed.py`. The private TRL methods it overrides, and why, are listed in
 `_trl_compat.OVERRIDDEN_DPO_METHODS`; every private attribute it reads goes through `_trl_compat`.
@@ -49,7 +49,7 @@ from .forward import (
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import card_method
-from .packed_attention import check_model_supports_packing, use_segment_sdpa
+from .packed_attention import check_model_supports_packing, check_packing_setup, prepare_packed_models
 from .rows import INDEX_COLUMN, check_ref_logps, model_vocab_size
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
@@ -126,18 +126,7 @@ class DPOTrainer(trl.DPOTrainer):
             next(iter(train_dataset))
         )
 
-        if data_collator is not None and args.padding_free and not getattr(data_collator, "padding_free", False):
-            raise ValueError(
-                f"`padding_free=True` needs a collator that lays the batch in packed rows, but the given "
-                f"{type(data_collator).__name__} does not (no `padding_free=True`). Leave `data_collator=None` for "
-                "the default one, pass `DataCollatorForMultiRejectedPreference(..., padding_free=True)`, or set "
-                "`padding_free=False`."
-            )
-        if self._image_rows and args.padding_free:
-            raise NotImplementedError(
-                "`padding_free=True` is not supported for image rows yet (their image inputs are per sequence or per "
-                "example). Set `padding_free=False`; `prefix_sharing=True` works with images."
-            )
+        check_packing_setup(args, data_collator, self._image_rows)
         if data_collator is None:
             # The parent builds its pairwise collator when none is given; build the K-rejected one instead, which
             # needs the tokenizer's pad token, so load the processing class now as the parent would
@@ -252,17 +241,10 @@ class DPOTrainer(trl.DPOTrainer):
     # ------------------------------------------------------------ log-probs
 
     def _setup_packed_forward(self) -> None:
-        """With prefix sharing or padding-free: fail where the packed forward would not give the padded log-probs,
-        and give SDPA text models the segment-wise kernel (`trl_dpo_ext.packed_attention`). Idempotent."""
-        if not any(self._packing):
-            return
-        models = {"model": self.model, "ref_model": self.ref_model}
-        models = {name: model for name, model in models.items() if model is not None}
-        for name, model in models.items():
-            check_model_supports_packing(model, name, *self._packing, self.aux_loss_enabled and name == "model")
-        if not self._image_rows:  # image rows keep the dense mask: a VLM's vision tower shares its config
-            for model in models.values():
-                use_segment_sdpa(model)
+        """Check the models for the packed forward and give SDPA ones the segment-wise kernel (idempotent)."""
+        if any(self._packing):
+            models = {"model": self.model, "ref_model": self.ref_model}
+            prepare_packed_models(models, *self._packing, self.aux_loss_enabled, self._image_rows)
 
     def _per_token_logps(self, model, inputs, reference: bool):
         """Per-token log-probs of the batch under the policy, or under the reference (see `forward.py`)."""
