@@ -64,6 +64,10 @@ MODEL_SHAPES = {
         arch="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
         intermediate_size=768,
     ),
+    "small-qwen2": dict(
+        arch="qwen2", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=768,
+    ),
     "qwen2.5-0.5b": dict(
         arch="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
@@ -199,18 +203,19 @@ def fresh_models(args: argparse.Namespace, vocab_size: int, **model_kwargs):
     shape.setdefault("vocab_size", vocab_size)
     vocab = shape.pop("vocab_size")
     dtype = torch.bfloat16 if args.bf16 else torch.float32  # bf16 weights, as those of a bf16 checkpoint
-    if shape.pop("tie_word_embeddings", False):  # Qwen2.5-0.5B ties its LM head; `tiny_causal_lm` unties it
-        config = Qwen2Config(
-            **{k: v for k, v in shape.items() if k != "arch"}, vocab_size=vocab, tie_word_embeddings=True
-        )
-        models = []
-        for _ in range(2):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                models.append(Qwen2ForCausalLM(config).to(dtype))
-    else:
-        models = [tiny_causal_lm(vocab, seed=0, dtype=dtype, **shape) for _ in range(2)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # initialised where they run: a 0.5B model inits in seconds on the GPU
+        if shape.pop("tie_word_embeddings", False):  # Qwen2.5-0.5B ties its LM head; `tiny_causal_lm` unties it
+            config = Qwen2Config(
+                **{k: v for k, v in shape.items() if k != "arch"}, vocab_size=vocab, tie_word_embeddings=True
+            )
+            models = []
+            for _ in range(2):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    models.append(Qwen2ForCausalLM(config).to(dtype))
+        else:
+            models = [tiny_causal_lm(vocab, seed=0, dtype=dtype, **shape) for _ in range(2)]
     return [m.to(device) for m in models]
 
 
@@ -225,15 +230,21 @@ def common_config(args: argparse.Namespace, output_dir: str, batch_size: int) ->
         save_strategy="no",
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
-        max_length=None,
+        max_length=getattr(args, "max_length", None),
+        train_sampling_strategy=getattr(args, "sampling", "random"),
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
     )
 
 
+def tokenizer_of(args: argparse.Namespace):
+    """The tokenizer of the run: `args.tokenizer` when a script sets one, else the offline character tokenizer."""
+    return getattr(args, "tokenizer", None) or char_tokenizer()
+
+
 def build_stock(args: argparse.Namespace, rows: list[dict], output_dir: str) -> trl.DPOTrainer:
-    tokenizer = char_tokenizer()
+    tokenizer = tokenizer_of(args)
     policy, ref = fresh_models(args, len(tokenizer))
     config = trl.DPOConfig(**common_config(args, output_dir, args.prompts_per_step * args.num_rejected))
     return trl.DPOTrainer(
@@ -248,7 +259,7 @@ def build_stock(args: argparse.Namespace, rows: list[dict], output_dir: str) -> 
 def build_ext(
     args: argparse.Namespace, rows: list[dict], output_dir: str, model_kwargs: dict | None = None, **extra
 ) -> trl.DPOTrainer:
-    tokenizer = char_tokenizer()
+    tokenizer = tokenizer_of(args)
     policy, ref = fresh_models(args, len(tokenizer), **(model_kwargs or {}))
     config = trl_dpo_ext.DPOConfig(**common_config(args, output_dir, args.prompts_per_step), **extra)
     return trl_dpo_ext.DPOTrainer(
@@ -327,7 +338,7 @@ def run_benchmark(
         # Ratio to the reference arm within each repeat (the arms of a repeat ran back to back), then the median
         return statistics.median(run[column] / ref[column] for run, ref in zip(runs, reference))
 
-    num_params = sum(p.numel() for p in fresh_models(args, len(char_tokenizer()))[0].parameters())
+    num_params = sum(p.numel() for p in fresh_models(args, len(tokenizer_of(args)))[0].parameters())
     memory_kind = "max_memory_allocated" if cuda else "peak RSS above start"
     header = f"\n{'arm':<30} {'prompts/s':>10} {'ratio':>7} {'prompts/CPU-s':>14} {'ratio':>7} {'peak GiB':>9}"
     print(header + (f" {'MFU':>6}" if args.peak_tflops else ""))

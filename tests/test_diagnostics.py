@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -186,6 +187,8 @@ def test_weight_statistics_of_hand_picked_weights():
 
 class SingleProcess:
     """The two collectives of `gather_pair_values` on one process: nothing to pad or gather."""
+
+    num_processes = 1
 
     def pad_across_processes(self, tensor, dim=0, pad_index=0):
         return tensor
@@ -471,3 +474,21 @@ def test_histogram_goes_to_the_tensorboard_writer_at_each_log():
     ]
     callback.on_log(None, state, None, logs={})  # nothing new since the last log: nothing sent
     assert len(tensorboard.tb_writer.histograms) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs")
+def test_weight_statistics_reads_back_once_from_cuda():
+    weights = torch.tensor([[0.2, 0.7, float("nan")], [0.01, 0.6, 0.9]], device="cuda")
+    expected = weight_statistics(weights.cpu())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = weight_statistics(weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert stats == pytest.approx(expected)

@@ -301,3 +301,8 @@ def test_compute_metrics_on_image_rows_gets_the_logits_of_each_sequence_with_its
     with torch.no_grad():
         expected = trainer.model(**processor(images=row["images"], text=[text], return_tensors="pt")).logits[0]
     torch.testing.assert_close(seen["logits"][-1, : expected.size(0)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_free_on_image_rows_raises_naming_prefix_sharing(tmp_path):
+    with pytest.raises(NotImplementedError, match=r"`padding_free=True` is not supported for image rows yet"):
+        ext_trainer("qwen2_5_vl", image_rows(), tmp_path, padding_free=True)

@@ -16,6 +16,15 @@ from collections import defaultdict
 import trl
 from packaging.version import Version
 
+# transformers internals of the packed forward (`trl_dpo_ext.packed_attention`):
+# - `sdpa_attention_forward(module, q, k, v, mask, dropout, scaling, **kw)`: transformers' SDPA attention function,
+#   which the registered segment-wise SDPA runs on every ordinary (unpacked) forward.
+# - `sdpa_mask`: SDPA's mask builder, registered for that implementation so that ordinary forwards get SDPA's masks.
+# - Relied on, not imported: a model's extra forward keyword arguments reach its attention function (`**kwargs`, as
+#   `cu_seq_lens_q` does); `create_causal_mask` uses a 4D mask (tensor or `BlockMask`) as given.
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402, F401
+from transformers.masking_utils import sdpa_mask  # noqa: E402, F401
+
 # - `TRAINER_STATE_NAME` ("trainer_state.json"): the file `transformers.Trainer._save_checkpoint` writes last, after the
 #   weights and the optimizer, scheduler and RNG states; a checkpoint holding it whole is complete (`checkpoints.py`).
 from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401
@@ -54,6 +63,10 @@ ACCELERATE_CONFIGS_PACKAGE = "trl.accelerate_configs"
 # Class attributes of TRL's trainers that `create_model_card` reads (the method's name, its paper's title, id and
 # BibTeX, the tags); `trl_dpo_ext.DPOTrainer` gives `_name` and `_paper` as properties of its `rejected_reduction`
 MODEL_CARD_ATTRIBUTES = ("_name", "_paper", "_tag_names")
+
+# Relied on, not imported: TRL 1.16's `DPOTrainer.__init__` sets `self.padding_free = False`, with a warning, when
+# `args.padding_free` is True ("temporarily unavailable after a refactor"); `trl_dpo_ext.DPOTrainer` hides the field
+# from it during `super().__init__` and implements it.
 
 # The TRL versions the test suite has passed with (pyproject.toml pins the range `trl>=1.16,<2`)
 TESTED_TRL_VERSIONS = ("1.16",)

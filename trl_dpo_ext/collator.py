@@ -10,8 +10,8 @@ from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
 from ._trl_compat import pad
-from .prefix_sharing import pack_preference_batch
-from .rows import INDEX_COLUMN, rejected_ids_as_list, truncation_slice
+from .packing import pack_preference_batch
+from .rows import INDEX_COLUMN, rejected_ids_as_list, sequence_limit, truncation_slice
 
 
 @dataclass
@@ -35,10 +35,16 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
         max_length (`int`, *optional*): each sequence is truncated to this length before padding.
         truncation_mode (`str`, *optional*, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"`.
         pad_to_multiple_of (`int`, *optional*): pad the length to a multiple of this value.
-        prefix_sharing (`bool`, *optional*, defaults to `False`): also pack each example as one row [prompt |
-            chosen | rejected_1 | …]: the batch then holds `packed_input_ids`, `packed_position_ids`,
-            `packed_segment_ids`, `packed_completion_mask` [B, L_p] and `unpack_index` besides the unshared keys
-            (see `trl_dpo_ext.prefix_sharing.pack_preference_batch`).
+        prefix_sharing (`bool`, *optional*, defaults to `False`): also pack each example as one block [prompt |
+            chosen | rejected_1 | …], one block per row unless `padding_free`.
+        padding_free (`bool`, *optional*, defaults to `False`): also lay the blocks (the sequences, or with
+            `prefix_sharing` the examples) end to end, in one row or in rows of at most `token_budget` tokens.
+        token_budget (`int`, *optional*): with `padding_free`, the most tokens in a packed row; it also truncates
+            every sequence as `max_length` does (the smaller of the two applies), so no block is ever dropped.
+
+    With `prefix_sharing` or `padding_free`, the batch also holds `packed_input_ids`, `packed_position_ids`,
+    `packed_segment_ids`, `packed_document_ids`, `packed_completion_mask` [N, L], `packed_spans` (host ints) and
+    `unpack_index`, besides the unshared keys (see `trl_dpo_ext.packing.pack_preference_batch`).
 
     Examples:
     ```python
@@ -64,6 +70,8 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
     prefix_sharing: bool = False
+    padding_free: bool = False
+    token_budget: int | None = None
 
     @classmethod
     def from_config(cls, args, processing_class) -> DataCollatorForMultiRejectedPreference:
@@ -77,6 +85,8 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
             truncation_mode=args.truncation_mode,
             pad_to_multiple_of=args.pad_to_multiple_of,
             prefix_sharing=getattr(args, "prefix_sharing", False),
+            padding_free=args.padding_free,
+            token_budget=getattr(args, "token_budget", None),
         )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,8 +100,10 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
                 sequences.append(example["prompt_ids"] + ids)
                 completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(ids))
 
-        if self.max_length is not None:
-            sl = truncation_slice(self.max_length, self.truncation_mode)
+        # `max_length`, and with `padding_free` the `token_budget`: every sequence then fits a packed row alone
+        max_length = sequence_limit(self.max_length, self.token_budget if self.padding_free else None)
+        if max_length is not None:
+            sl = truncation_slice(max_length, self.truncation_mode)
             sequences = [ids[sl] for ids in sequences]
             completion_masks = [m[sl] for m in completion_masks]
 
@@ -114,15 +126,20 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
             output["scores"] = scores
         if INDEX_COLUMN in examples[0]:
             output[INDEX_COLUMN] = torch.tensor([example[INDEX_COLUMN] for example in examples], dtype=torch.long)
-        if self.prefix_sharing:  # one packed row per example, forwarded instead of the unshared `input_ids`
+        if self.prefix_sharing or self.padding_free:  # packed rows, forwarded instead of the unshared `input_ids`
             packed = pack_preference_batch(
                 examples,
                 rejected,
+                sequences,
+                completion_masks,
                 self.pad_token_id,
                 output["completion_mask"].size(1),
-                self.max_length,
-                self.truncation_mode,
-                self.pad_to_multiple_of,
+                prefix_sharing=self.prefix_sharing,
+                padding_free=self.padding_free,
+                max_length=max_length,
+                truncation_mode=self.truncation_mode,
+                token_budget=self.token_budget,
+                pad_to_multiple_of=self.pad_to_multiple_of,
             )
             output.update(packed)
         if "ref_chosen_logps" in examples[0]:

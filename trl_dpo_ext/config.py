@@ -73,6 +73,19 @@ class DPOConfig(trl.DPOConfig):
             in which each response sees only the prompt and itself, for the policy, the reference and the precompute
             pass. The log-probs are those of the unshared forward. Needs an attention implementation that takes a
             4D mask (`"sdpa"`, `"eager"` or `"flex_attention"`) and, with `max_length`, `truncation_mode="keep_start"`.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            TRL's field, working here (TRL 1.16's `DPOTrainer` turns it off): the sequences of a batch (with
+            `prefix_sharing`, its examples) are laid end to end in one row, or in as few rows of at most
+            `token_budget` tokens as fit, with no padding; positions restart at 0 for each sequence and no token
+            attends across sequences. The log-probs are those of the padded forward. Needs `attn_implementation`
+            `"sdpa"`, `"eager"`, `"flex_attention"`, or, without `prefix_sharing`, `"flash_attention_2"`/`"_3"`.
+        token_budget (`int` or `None`, *optional*, defaults to `None`):
+            With `padding_free=True`, the most tokens in one packed row (the name and meaning of TRL's
+            `token_budget`: the real tokens packed into a single row); `None` lays the whole batch in one row. It
+            bounds the attention's memory and work per row. A sequence longer than the budget is truncated to it
+            as `max_length` truncates (`truncation_mode`), so every example of a batch is kept; with
+            `prefix_sharing`, an example whose responses do not fit in one row together is split over several,
+            each repeating the prompt.
 
         > Parameters that control the reference initialisation (see `docs/ref_init.md`)
 
@@ -134,6 +147,22 @@ class DPOConfig(trl.DPOConfig):
         metadata={
             "help": "Forward each prompt once for its chosen and all its rejected responses: one packed row per "
             "example with a 4D attention mask (SDPA, eager or FlexAttention); same log-probs as the unshared forward."
+        },
+    )
+
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Lay the sequences of a batch (with `prefix_sharing`, its examples) end to end in one row, or in "
+            "rows of at most `token_budget` tokens, without padding; positions restart per sequence and no token "
+            "attends across sequences. Same log-probs as the padded forward."
+        },
+    )
+    token_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "With `padding_free=True`, the most tokens in one packed row (None: the whole batch in one row). "
+            "Longer sequences are truncated to it as by `max_length`."
         },
     )
 
@@ -216,15 +245,28 @@ class DPOConfig(trl.DPOConfig):
                 f"{device}. Set `bf16=True` and `use_cpu=True` for bf16 autocast on the CPU."
             )
 
+    def _check_packing(self) -> None:
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"`token_budget` must be None or a positive number of tokens, got {self.token_budget}.")
+        if self.token_budget is not None and not self.padding_free:
+            warnings.warn(
+                f"`token_budget={self.token_budget}` is set but `padding_free=False`, so it is unused. Set "
+                "`padding_free=True` to pack the batch in rows of at most `token_budget` tokens.",
+                stacklevel=3,
+            )
+        budget = self.token_budget if self.padding_free else None
+        if self.prefix_sharing and (self.max_length, budget) != (None, None) and self.truncation_mode == "keep_end":
+            cut_by = f"`max_length={self.max_length}`" + (f", `token_budget={budget}`" if budget else "")
+            raise ValueError(
+                f"`prefix_sharing=True` shares the prompt of every response, but `truncation_mode='keep_end'` (with "
+                f"{cut_by}) cuts a different part of the prompt for each response. Use "
+                "`truncation_mode='keep_start'`, no `max_length` nor `token_budget`, or `prefix_sharing=False`."
+            )
+
     def __post_init__(self):
         self._default_bf16()
         super().__post_init__()
         self._check_ref_init()
-        if self.prefix_sharing and self.max_length is not None and self.truncation_mode == "keep_end":
-            raise ValueError(
-                f"`prefix_sharing=True` shares the prompt of every response, but `truncation_mode='keep_end'` (with "
-                f"`max_length={self.max_length}`) cuts a different part of the prompt for each response. Use "
-                "`truncation_mode='keep_start'`, `max_length=None`, or `prefix_sharing=False`."
-            )
+        self._check_packing()
         # Every rule on which loss combinations are meaningful lives in the spec, which raises here
         LossSpec.from_config(self)

@@ -40,6 +40,7 @@ from .rows import (
     row_error,
     row_warnings,
     rows_filling_max_length,
+    sequence_limit,
 )
 
 
@@ -140,13 +141,27 @@ def load_processing_class(model, args):
 
 
 def prepare_preference_dataset(
-    dataset, processing_class, eos_token: str | None, args, dataset_name: str, loss_spec, vocab_size: int | None = None
+    dataset,
+    processing_class,
+    eos_token: str | None,
+    args,
+    dataset_name: str,
+    loss_spec,
+    vocab_size: int | None = None,
+    padding_free: bool | None = None,
 ):
     """Validate and tokenize a preference dataset (the trainer's `_prepare_dataset`): every row checked, naming the
     row and the column (token ids against `vocab_size`, the rows of the model's input embedding, when given); text
     rows tokenized with each rejected after the same prompt; the rules on the number of rejected checked against
     `loss_spec`; rows that teach nothing counted in warnings naming the first; rows whose prompt fills `max_length`
-    dropped, as TRL drops them (all of them: an error)."""
+    (with `padding_free`, by default `args.padding_free`, the `token_budget` too) dropped, as TRL drops them (all of
+    them: an error)."""
+    padding_free = args.padding_free if padding_free is None else padding_free
+    max_length = sequence_limit(args.max_length, getattr(args, "token_budget", None) if padding_free else None)
+    if max_length == args.max_length:
+        limit_name = f"`max_length={max_length}`"
+    else:
+        limit_name = f"`token_budget={max_length}` (which cuts sequences as `max_length` does, with `padding_free`)"
     tokenized, missing = missing_columns(dataset.column_names)
     if missing:
         raise ValueError(
@@ -159,7 +174,7 @@ def prepare_preference_dataset(
     def desc(text: str) -> dict:  # `IterableDataset.map` takes no `desc`
         return {"desc": f"{text} {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
 
-    limits = RowLimits(vocab_size, args.max_length, args.truncation_mode)
+    limits = RowLimits(vocab_size, max_length, args.truncation_mode)
     with global_then_local_main_first():
         if tokenized:
             dataset = dataset.map(
@@ -188,30 +203,30 @@ def prepare_preference_dataset(
 
         if isinstance(dataset, Dataset):
             loss_spec.check_num_rejected(list(dataset["num_rejected"]), dataset_name, args.precompute_ref_log_probs)
-            for message in row_warnings(dataset, dataset_name, args.max_length):
+            for message in row_warnings(dataset, dataset_name, max_length):
                 warnings.warn(message, stacklevel=4)
 
         # As TRL: a prompt that fills `max_length` leaves no completion token under `keep_start` truncation
-        if args.max_length is not None and args.truncation_mode == "keep_start":
+        if max_length is not None and args.truncation_mode == "keep_start":
             dropped, num_rows = [], None
             if isinstance(dataset, Dataset):
                 num_rows = len(dataset)
-                dropped, shortest = rows_filling_max_length(dataset, args.max_length)
+                dropped, shortest = rows_filling_max_length(dataset, max_length)
                 if num_rows and len(dropped) == num_rows:
                     raise ValueError(
                         f"Every row of the {dataset_name} dataset ({num_rows}) has a prompt that alone fills "
-                        f"`max_length={args.max_length}` (the shortest has {shortest} tokens), so no completion "
-                        "token is left to train on. Raise `max_length`, or shorten the prompts."
+                        f"{limit_name} (the shortest has {shortest} tokens), so no completion token is left to train "
+                        "on. Raise it, or shorten the prompts."
                     )
             dataset = dataset.filter(
-                lambda example: len(example["prompt_ids"]) < args.max_length,
+                lambda example: len(example["prompt_ids"]) < max_length,
                 **map_kwargs,
                 **desc("Dropping fully truncated examples from"),
             )
             if dropped:
                 logger.warning(
                     f"Dropped {len(dropped)} of {num_rows} rows of the {dataset_name} dataset whose prompt alone "
-                    f"fills `max_length={args.max_length}` ({first_rows(dropped)})."
+                    f"fills {limit_name} ({first_rows(dropped)})."
                 )
     return dataset
 

@@ -109,27 +109,34 @@ def weight_statistics(weights: torch.Tensor, prefix: str = GRAD_WEIGHT_PREFIX) -
     """Summary of one [N, K] tensor of pair weights (NaN = no pair): mean, max, quantiles, the shares of wrongly ranked
     (> 0.5) and learned (< 0.05) pairs, and the mean at each rejected position k when K > 1. Keys are `prefix/...`.
 
-    Returns an empty dict when there is no pair.
+    Returns an empty dict when there is no pair. Everything is reduced on the weights' device and read back in one
+    transfer (one host sync per call, where indexing the present pairs and reading each value would cost one each).
     """
     weights = weights.detach().double()
     present = ~torch.isnan(weights)
-    values = weights[present]
-    if values.numel() == 0:
+    count = present.sum()
+    filled = weights.nan_to_num(0.0)
+    quantiles = torch.nanquantile(weights.flatten(), torch.tensor(list(QUANTILES.values()), dtype=weights.dtype))
+    totals = torch.stack(
+        [
+            count.double(),
+            filled.sum() / count,
+            torch.where(present, weights, float("-inf")).max(),
+            *quantiles.to(weights.device),
+            ((weights > WRONG_THRESHOLD) & present).sum() / count,
+            ((weights < LEARNED_THRESHOLD) & present).sum() / count,
+        ]
+    )
+    ranks = filled.sum(dim=0) / present.sum(dim=0)  # NaN where no example has a k-th rejected
+    host = torch.cat([totals, ranks]).tolist()
+    if host[0] == 0:
         return {}
-    stats = {
-        f"{prefix}/mean": values.mean().item(),
-        f"{prefix}/max": values.max().item(),
-    }
-    quantiles = torch.quantile(values, torch.tensor(list(QUANTILES.values()), dtype=values.dtype))
-    stats.update({f"{prefix}/{name}": q.item() for name, q in zip(QUANTILES, quantiles, strict=True)})
-    stats[f"{prefix}/frac_above_{WRONG_THRESHOLD}"] = (values > WRONG_THRESHOLD).double().mean().item()
-    stats[f"{prefix}/frac_below_{LEARNED_THRESHOLD}"] = (values < LEARNED_THRESHOLD).double().mean().item()
+    names = ["mean", "max", *QUANTILES, f"frac_above_{WRONG_THRESHOLD}", f"frac_below_{LEARNED_THRESHOLD}"]
+    stats = {f"{prefix}/{name}": value for name, value in zip(names, host[1 : 1 + len(names)], strict=True)}
     if weights.size(1) > 1:
-        counts = present.sum(dim=0)
-        sums = weights.nan_to_num(0.0).sum(dim=0)
-        for k in range(weights.size(1)):
-            if counts[k] > 0:
-                stats[f"{prefix}/rank_{k}"] = (sums[k] / counts[k]).item()
+        for k, value in enumerate(host[1 + len(names) :]):
+            if not math.isnan(value):
+                stats[f"{prefix}/rank_{k}"] = value
     return stats
 
 
@@ -142,6 +149,8 @@ def gather_pair_values(
     before the gather, and the rows that are padding are dropped, so the result [N, K_max, C] holds the union of all
     processes' pairs, in process order.
     """
+    if accelerator.num_processes == 1:  # nothing to pad nor drop (and no host sync to find the real rows)
+        return values.detach().float(), (index.detach() if index is not None else None)
     values = accelerator.pad_across_processes(values.detach().float(), dim=1, pad_index=float("nan"))
     # Without an index, zeros mark the real rows (padding gets −1); int64 keeps any index exact, on any device
     rows = torch.zeros(values.size(0), dtype=torch.long, device=values.device) if index is None else index.detach()

@@ -145,6 +145,13 @@ def check_token_range(ids: list[int], idx: int, column: str, vocab_size: int | N
     )
 
 
+def sequence_limit(max_length: int | None, token_budget: int | None = None) -> int | None:
+    """The length every sequence is cut to: `max_length`, and the `token_budget` of padding-free rows (the smaller),
+    so that each sequence fits a packed row alone."""
+    limits = [limit for limit in (max_length, token_budget) if limit is not None]
+    return min(limits) if limits else None
+
+
 def truncation_slice(max_length: int | None, truncation_mode: str) -> slice:
     """The part of a sequence (prompt + one response) that the collator keeps."""
     if max_length is None:

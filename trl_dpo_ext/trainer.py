@@ -5,8 +5,8 @@ is a list of K responses put the chosen and each rejected through the policy and
 sequences per example, not the 2K of rows expanded to pairs).
 
 The trainer only overrides TRL's seams and delegates: the data to `data.py` and `collator.py`, the forward and
-log-probs to `forward.py` (and `prefix_sharing.py`), the loss to one `LossSpec` (`loss_spec.py`, over the pure math of
-`losses.py`), the metrics to `metrics.py`, the gradient-weight diagnostics to `diagnostics.py` and the reference
+log-probs to `forward.py` (packed rows: `packing.py`, `packed_attention.py`), the loss to one `LossSpec`
+(`loss_spec.py`, over the pure math of `losses.py`), the metrics to `metrics.py`, the gradient-weight diagnostics to `diagnostics.py` and the reference
 initialisation to `ref_init.py`, the Hub model card's method and paper to `model_card.py`, and the sharing of an
 in-memory dataset between processes to `distributed.py`. The private TRL methods it overrides, and why, are listed in
 `_trl_compat.OVERRIDDEN_DPO_METHODS`; every private attribute it reads goes through `_trl_compat`.
@@ -49,7 +49,7 @@ from .forward import (
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import card_method
-from .prefix_sharing import check_prefix_sharing
+from .packed_attention import check_model_supports_packing, check_packing_setup, prepare_packed_models
 from .rows import INDEX_COLUMN, check_ref_logps, model_vocab_size
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
@@ -126,6 +126,7 @@ class DPOTrainer(trl.DPOTrainer):
             next(iter(train_dataset))
         )
 
+        check_packing_setup(args, data_collator, self._image_rows)
         if data_collator is None:
             # The parent builds its pairwise collator when none is given; build the K-rejected one instead, which
             # needs the tokenizer's pad token, so load the processing class now as the parent would
@@ -147,29 +148,32 @@ class DPOTrainer(trl.DPOTrainer):
         # Every token id of the data must index a row of the model's input embedding (checked in `_prepare_dataset`)
         self._vocab_size = model_vocab_size(model, args)
         prefix_sharing = getattr(args, "prefix_sharing", False)
-        if prefix_sharing:  # fail before the parent's precompute pass, for models given as instances
+        self._packing = (prefix_sharing, args.padding_free)  # (prefix sharing, padding-free)
+        if any(self._packing):  # fail before the parent's precompute pass, for models given as instances
             for name, instance in (("model", model), ("ref_model", ref_model)):
                 if instance is not None and not isinstance(instance, str):
-                    check_prefix_sharing(instance, name)
+                    check_model_supports_packing(instance, name, *self._packing)
         self._precompute_num_rejected: int | None = None
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
-        if prefix_sharing:  # the models TRL loaded, and MoE router losses, known only now
-            check_prefix_sharing(self.model, "model", self.aux_loss_enabled)
-            if self.ref_model is not None:
-                check_prefix_sharing(self.ref_model, "ref_model")
+        padding_free, args.padding_free = args.padding_free, False  # TRL 1.16 would turn it off, with a warning
+        try:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.padding_free = padding_free
+        self.padding_free = padding_free
+        self._setup_packed_forward()  # the models TRL loaded, and MoE router losses, known only now
         if self._image_rows:  # TRL leaves image rows unprepared: check them here
             eval_datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
             check_image_datasets({"train": self.train_dataset, **eval_datasets}, args, self.loss_spec)
@@ -192,8 +196,9 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         eos_token, spec = tokenizer_of(self).eos_token, self.loss_spec
+        # `args.padding_free` is hidden from TRL's `__init__`, which runs this: pass the real value
         return prepare_preference_dataset(
-            dataset, processing_class, eos_token, args, dataset_name, spec, self._vocab_size
+            dataset, processing_class, eos_token, args, dataset_name, spec, self._vocab_size, self._packing[1]
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -202,6 +207,7 @@ class DPOTrainer(trl.DPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        self._setup_packed_forward()  # the parent's `__init__` runs this pass before it returns
         if isinstance(dataset, Dataset) and {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
             # Reference log-probs already given (e.g. computed once for many runs): use them as they are
             self._check_ref_logps(dataset, name)
@@ -233,6 +239,12 @@ class DPOTrainer(trl.DPOTrainer):
         extend_signature_columns(self, EXTRA_SIGNATURE_COLUMNS)
 
     # ------------------------------------------------------------ log-probs
+
+    def _setup_packed_forward(self) -> None:
+        """Check the models for the packed forward and give SDPA ones the segment-wise kernel (idempotent)."""
+        if any(self._packing):
+            models = {"model": self.model, "ref_model": self.ref_model}
+            prepare_packed_models(models, *self._packing, self.aux_loss_enabled, self._image_rows)
 
     def _per_token_logps(self, model, inputs, reference: bool):
         """Per-token log-probs of the batch under the policy, or under the reference (see `forward.py`)."""
