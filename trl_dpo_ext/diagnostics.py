@@ -336,14 +336,15 @@ class GradWeightDiagnostics:
     def step(
         self,
         accelerator: Accelerator,
-        train: bool,
+        mode: str,
         inputs: dict,
         logps: PreferenceLogps,
         pair_weights: torch.Tensor | None,
-        global_step: int,
-        epoch: float | None,
+        state,
     ) -> dict[str, float]:
-        """Weights of every pair of one batch: the metrics, the histogram, and the record (training only)."""
+        """Weights of every pair of one batch: the metrics, the histogram, and the record (training only). `mode`
+        is `"train"` or `"eval"`, `state` the trainer's `TrainerState` (its step and epoch name the record's rows)."""
+        train = mode == "train"
         weights = grad_weights(logps, self.spec.beta)
         effective = effective_grad_weights(logps, self.spec, pair_weights, inputs.get("scores"))
         record = train and self.record_path is not None
@@ -364,6 +365,6 @@ class GradWeightDiagnostics:
             self.histogram.add(pairs[..., 0], pairs[..., 1])
         if record and accelerator.is_main_process:
             # The update this batch enters is step global_step + 1; a resumed run truncates the steps after its own
-            text = format_record(index, global_step + 1, int(epoch or 0), pairs[..., 0], pairs[..., 1])
+            text = format_record(index, state.global_step + 1, int(state.epoch or 0), pairs[..., 0], pairs[..., 1])
             append_record(self.record_path, text)
         return metrics

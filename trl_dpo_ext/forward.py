@@ -9,6 +9,7 @@ as those of the unshared batch [B + R, L − 1], so everything after it is the s
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from accelerate.utils import is_peft_model
@@ -149,3 +150,17 @@ def chosen_nll(per_token: torch.Tensor, inputs: dict) -> torch.Tensor:
     batch_size = inputs["rejected_mask"].size(0)
     chosen_mask = inputs["completion_mask"][:batch_size, 1:].bool()
     return -per_token[:batch_size][chosen_mask].mean()
+
+
+@torch.no_grad()
+def logits_forward(model, inputs: dict, extra_inputs: dict | None = None):
+    """The plain forward (with logits) of the unshared batch, for `compute_metrics` (`return_outputs=True`), which
+    TRL deprecates: the fused LM head does not build the logits."""
+    warnings.warn(
+        "`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL and will be "
+        "removed in v2.0.0. The fused LM head does not build the logits, so they are recomputed with an extra "
+        "forward pass.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return model(**model_inputs(inputs), **(extra_inputs or {}))

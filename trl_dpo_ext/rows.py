@@ -327,3 +327,13 @@ def check_ref_logps(ref_chosen: Any, ref_rejected: Any, num_rejected: int, idx: 
             raise ValueError(
                 f"Row {idx}, column 'ref_rejected_logps': expected a finite float for rejected {k}, got {value!r}."
             )
+
+
+def check_ref_logps_columns(dataset: Dataset, name: str) -> None:
+    """The precomputed reference log-probs of every row of a prepared dataset (`check_ref_logps`)."""
+    columns = zip(dataset["ref_chosen_logps"], dataset["ref_rejected_logps"], dataset["rejected_ids"], strict=True)
+    for idx, (ref_chosen, ref_rejected, rejected_ids) in enumerate(columns):
+        try:
+            check_ref_logps(ref_chosen, ref_rejected, len(rejected_ids), idx)
+        except ValueError as error:
+            raise ValueError(f"{error} (in the {name} dataset)") from None

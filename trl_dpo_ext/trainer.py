@@ -4,17 +4,13 @@ Swap the import and keep the script: pairwise rows train exactly as with `trl.DP
 is a list of K responses put the chosen and each rejected through the policy and the reference once per step (K + 1
 sequences per example, not the 2K of rows expanded to pairs).
 
-The trainer only overrides TRL's seams and delegates: the data to `data.py` and `collator.py`, the forward and
-log-probs to `forward.py` (packed rows: `packing.py`, `packed_attention.py`), the loss to one `LossSpec`
-(`loss_spec.py`, over the pure math of `losses.py`), the metrics to `metrics.py`, the gradient-weight diagnostics to `diagnostics.py` and the reference
-initialisation to `ref_init.py`, the Hub model card's method and paper to `model_card.py`, and the sharing of an
-in-memory dataset between processes to `distributed.py`. The private TRL methods it overrides, and why, are listed in
-`_trl_compat.OVERRIDDEN_DPO_METHODS`; every private attribute it reads goes through `_trl_compat`.
+The trainer overrides TRL's seams and delegates (docs/architecture.md): data to `data.py` and `collator.py` (images:
+`vision.py`), log-probs to `forward.py` (packed rows: `packing.py`, `packed_attention.py`), the loss to a `LossSpec`,
+metrics to `metrics.py`, gradient weights to `diagnostics.py`, the reference to `ref_init.py`. The private TRL methods
+it overrides, and why, are in `_trl_compat.OVERRIDDEN_DPO_METHODS`; every private attribute goes through `_trl_compat`.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import trl
@@ -38,7 +34,7 @@ from .diagnostics import GradWeightDiagnostics
 from .distributed import share_in_memory_dataset
 from .forward import (
     chosen_nll,
-    model_inputs,
+    logits_forward,
     per_token_logps,
     preference_logps,
     reference_context,
@@ -50,14 +46,12 @@ from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import card_method
 from .packed_attention import check_model_supports_packing, check_packing_setup, prepare_packed_models
-from .rows import INDEX_COLUMN, check_ref_logps, model_vocab_size
+from .rows import INDEX_COLUMN, check_ref_logps_columns, model_vocab_size
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
-    check_image_datasets,
-    check_image_prefix_sharing,
     image_model_inputs,
     is_image_row,
-    with_index_column,
+    prepare_image_datasets,
 )
 
 
@@ -175,13 +169,10 @@ class DPOTrainer(trl.DPOTrainer):
         self.padding_free = padding_free
         self._setup_packed_forward()  # the models TRL loaded, and MoE router losses, known only now
         if self._image_rows:  # TRL leaves image rows unprepared: check them here
-            eval_datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
-            check_image_datasets({"train": self.train_dataset, **eval_datasets}, args, self.loss_spec)
-            if getattr(args, "grad_weight_record", False):
-                self.train_dataset = with_index_column(self.train_dataset)
-            if prefix_sharing:
-                models = {"model": self.model, "ref_model": self.ref_model}
-                check_image_prefix_sharing({k: m for k, m in models.items() if m is not None}, compute_metrics)
+            models = {"model": self.model, "ref_model": self.ref_model}
+            self.train_dataset = prepare_image_datasets(
+                self.train_dataset, self.eval_dataset, args, self.loss_spec, models, compute_metrics
+            )
         self.grad_weight_diagnostics = GradWeightDiagnostics(
             self.loss_spec,
             self.args.report_to,
@@ -210,7 +201,7 @@ class DPOTrainer(trl.DPOTrainer):
         self._setup_packed_forward()  # the parent's `__init__` runs this pass before it returns
         if isinstance(dataset, Dataset) and {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
             # Reference log-probs already given (e.g. computed once for many runs): use them as they are
-            self._check_ref_logps(dataset, name)
+            check_ref_logps_columns(dataset, name)
             return dataset
         if isinstance(dataset, Dataset):
             dataset = share_in_memory_dataset(dataset, self.accelerator)  # TRL's cache file, read by every process
@@ -221,17 +212,8 @@ class DPOTrainer(trl.DPOTrainer):
             dataset = super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
             self._precompute_num_rejected = None
-        self._check_ref_logps(dataset, name)
+        check_ref_logps_columns(dataset, name)
         return dataset
-
-    @staticmethod
-    def _check_ref_logps(dataset: Dataset, name: str) -> None:
-        columns = zip(dataset["ref_chosen_logps"], dataset["ref_rejected_logps"], dataset["rejected_ids"], strict=True)
-        for idx, (ref_chosen, ref_rejected, rejected_ids) in enumerate(columns):
-            try:
-                check_ref_logps(ref_chosen, ref_rejected, len(rejected_ids), idx)
-            except ValueError as error:
-                raise ValueError(f"{error} (in the {name} dataset)") from None
 
     def _set_signature_columns_if_needed(self):
         # Keep the columns the K-rejected collator reads besides TRL's (`remove_unused_columns` drops the others)
@@ -293,29 +275,15 @@ class DPOTrainer(trl.DPOTrainer):
         with torch.no_grad():
             self._log_metrics(mode, inputs, outputs, logps)
             weights = self.grad_weight_diagnostics.step(
-                self.accelerator,
-                mode == "train",
-                inputs,
-                logps,
-                pair_weights,
-                self.state.global_step,
-                self.state.epoch,
+                self.accelerator, mode, inputs, logps, pair_weights, self.state
             )
             for key, value in weights.items():
                 metrics[key].append(value)
 
-        if return_outputs:
-            warnings.warn(
-                "`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL and will "
-                "be removed in v2.0.0. The fused LM head does not build the logits, so they are recomputed with an "
-                "extra forward pass.",
-                FutureWarning,
-                stacklevel=2,
-            )
+        if return_outputs:  # deprecated by TRL: the logits `compute_metrics` gets, by an extra forward
             extra = image_model_inputs(inputs, self.accelerator.unwrap_model(model)) if self._image_rows else {}
-            with torch.no_grad():
-                outputs = model(**model_inputs(inputs), **extra)
-        return (loss, outputs) if return_outputs else loss
+            return loss, logits_forward(model, inputs, extra)
+        return loss
 
     def _log_metrics(self, mode: str, inputs, outputs, logps) -> None:
         """The batch's metric sums (`metrics.py`), gathered from every process in one collective, then divided."""
