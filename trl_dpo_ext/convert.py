@@ -3,7 +3,8 @@
 - `rated_to_multi_rejected`: rows with several rated responses (UltraFeedback, AlpacaEval, Best-of-n samples; e.g.
   `{"instruction": ..., "completions": [{"output": ..., "score": ...}, ...]}`) to one chosen, the best-rated
   response, and up to K rejected, with a choice of K, of which K, of what to do with ties and of a minimum score gap.
-  The scores are kept in a `scores` column, the chosen's first and then each rejected's.
+  The rejected are listed in rank order, best first (the convention of every row, and the ranking `plackett_luce`
+  takes), whatever `selection` keeps; the scores are kept in a `scores` column aligned with them, the chosen's first.
 - `group_pairwise`: pairwise rows (TRL's `{"prompt", "chosen", "rejected"}`) that share their prompt and chosen to
   one row whose `rejected` is the list of their rejected.
 - `load_preference_dataset`: a Hub id, or a local folder or file of JSON lines, as a `datasets.DatasetDict`.
@@ -15,13 +16,14 @@ Each takes a `list[dict]` or a `datasets.Dataset` and returns the same kind. Eve
 >>> rows = [{"instruction": "2+2?", "completions": [
 ...     {"output": "4", "score": 0.9}, {"output": "5", "score": 0.2}, {"output": "22", "score": 0.1}]}]
 >>> rated_to_multi_rejected(rows, num_rejected=2)
-[{'prompt': '2+2?', 'chosen': '4', 'rejected': ['22', '5'], 'scores': [0.9, 0.1, 0.2]}]
+[{'prompt': '2+2?', 'chosen': '4', 'rejected': ['5', '22'], 'scores': [0.9, 0.2, 0.1]}]
 ```
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -32,6 +34,8 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .rows import is_messages, type_name
 
+
+logger = logging.getLogger(__name__)
 
 Rows = list[dict[str, Any]] | Dataset
 
@@ -90,9 +94,10 @@ def _rated_responses(
             )
         pairs = list(zip(completions, scores, strict=True))
     for j, (response, score) in enumerate(pairs):
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            column = completions_column if isinstance(completions[0], dict) else scores_column
             raise ValueError(
-                f"Row {idx}, column '{completions_column}', item {j}: expected a numeric score, got {score!r}."
+                f"Row {idx}, column '{column}', item {j}: expected a finite numeric score, got {score!r}."
             )
         if not isinstance(response, str) or not response:
             raise ValueError(
@@ -132,8 +137,8 @@ def rated_to_multi_rejected(
         ties: when several responses share the best score: `"first"` takes the first of them as the chosen (the
             others are dropped, never rejected); `"skip"` drops the row.
         selection: which K of the eligible rejected are kept: `"lowest"` scores (the clearest preferences),
-            `"highest"` (the hardest negatives) or `"random"` (seeded by `seed`). The rejected are listed in that
-            order.
+            `"highest"` (the hardest negatives) or `"random"` (seeded by `seed`). Whichever are kept, they are listed
+            best first (ties keep their input order).
         prompt_column, completions_column, response_key, score_key, scores_column: where the fields are.
         keep_columns: other columns copied to the output rows as they are (e.g. `["id"]`).
         conversational: write prompt and responses as chat messages (a user turn, an assistant turn) instead of text.
@@ -141,7 +146,12 @@ def rated_to_multi_rejected(
 
     Returns:
         The same kind as `data`. A row is dropped when it has fewer than `min_rejected` eligible rejected, or under
-        `ties="skip"`. `scores` holds the chosen's score first, then each kept rejected's.
+        `ties="skip"`; one warning counts the dropped rows per reason, with the first few row indices. `rejected` is
+        in rank order, best first, and `scores` holds the chosen's score first, then each kept rejected's.
+
+    Raises:
+        ValueError: naming the row and the column, for a missing or malformed field, or a score that is not a finite
+            number (NaN, ±inf).
     """
     if ties not in TIE_POLICIES:
         raise ValueError(f"`ties` must be one of {list(TIE_POLICIES)}, got {ties!r}.")
@@ -159,6 +169,7 @@ def rated_to_multi_rejected(
 
     rng = random.Random(seed)
     out = []
+    dropped: dict[str, list[int]] = {}
     for idx, row in enumerate(_rows(data)):
         if prompt_column not in row:
             raise ValueError(f"Row {idx}, column '{prompt_column}': missing (columns: {sorted(row)}).")
@@ -170,7 +181,14 @@ def rated_to_multi_rejected(
         rated = _rated_responses(row, idx, completions_column, response_key, score_key, scores_column)
         best = max(score for _, score in rated)
         best_indices = [j for j, (_, score) in enumerate(rated) if score == best]
+        if len(rated) == 1:
+            dropped.setdefault("a single response", []).append(idx)
+            continue
+        if len(best_indices) == len(rated):
+            dropped.setdefault("all scores equal", []).append(idx)
+            continue
         if len(best_indices) > 1 and ties == "skip":
+            dropped.setdefault("a tie for the best score (ties='skip')", []).append(idx)
             continue
         chosen = rated[best_indices[0]][0]
         # Strictly below the best by the gap; an exact copy of the chosen response is never its own rejected
@@ -181,8 +199,11 @@ def rated_to_multi_rejected(
             eligible.sort(key=lambda rs: -rs[1])
         else:
             rng.shuffle(eligible)
-        eligible = eligible[:num_rejected]
+        # Rank order, best first, whichever were kept (stable: ties keep the order they were selected in)
+        eligible = sorted(eligible[:num_rejected], key=lambda rs: -rs[1])
         if len(eligible) < min_rejected:
+            reason = f"fewer than min_rejected={min_rejected} rejected at least min_score_gap={min_score_gap} below"
+            dropped.setdefault(reason + " the chosen (other than a copy of it)", []).append(idx)
             continue
         new = {column: row[column] for column in keep_columns}
         if conversational:
@@ -195,7 +216,19 @@ def rated_to_multi_rejected(
             new.update(prompt=prompt, chosen=chosen, rejected=[r for r, _ in eligible])
         new["scores"] = [best] + [s for _, s in eligible]
         out.append(new)
+    if dropped:
+        logger.warning(_dropped_message(dropped, len(out) + sum(map(len, dropped.values()))))
     return _same_kind(out, data)
+
+
+def _dropped_message(dropped: dict[str, list[int]], num_rows: int, shown: int = 5) -> str:
+    """One line per reason: how many rows were dropped for it, and the first few of their indices."""
+    total = sum(map(len, dropped.values()))
+    lines = [f"rated_to_multi_rejected dropped {total} of {num_rows} rows:"]
+    for reason, rows in dropped.items():
+        more = ", ..." if len(rows) > shown else ""
+        lines.append(f"  {len(rows)} with {reason} (rows {', '.join(map(str, rows[:shown]))}{more})")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- pairwise
