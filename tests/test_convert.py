@@ -21,12 +21,53 @@ ROWS = [
 ]
 
 
-def test_rated_rows_keep_the_best_as_chosen_and_the_k_lowest_as_rejected_with_their_scores():
+def test_rated_rows_keep_the_best_as_chosen_and_the_k_lowest_as_rejected_listed_best_first():
     out = rated_to_multi_rejected(ROWS, num_rejected=2)
-    assert out[0] == {"prompt": "2+2?", "chosen": "4", "rejected": ["22", "5"], "scores": [0.9, 0.1, 0.2]}
+    assert out[0] == {"prompt": "2+2?", "chosen": "4", "rejected": ["5", "22"], "scores": [0.9, 0.2, 0.1]}
     # Tie for the best: the first is the chosen, the other tied response is neither chosen nor rejected
     assert out[1] == {"prompt": "sky?", "chosen": "blue", "rejected": ["red"], "scores": [0.7, 0.1]}
     assert len(out) == 2, "a row whose responses all tie has no rejected and is dropped"
+
+
+SOURCE_SCORES = {"4": 0.9, "5": 0.2, "22": 0.1, "four": 0.85, "3": 0.3}
+
+
+@pytest.mark.parametrize("selection", ["lowest", "highest", "random"])
+@pytest.mark.parametrize("num_rejected", [2, 3, None])
+def test_rated_rows_list_the_rejected_best_first_with_aligned_scores_for_every_selection(selection, num_rejected):
+    (row,) = rated_to_multi_rejected(ROWS[:1], num_rejected=num_rejected, selection=selection, seed=1)
+    assert row["scores"] == [SOURCE_SCORES[row["chosen"]]] + [SOURCE_SCORES[r] for r in row["rejected"]]
+    assert row["scores"][1:] == sorted(row["scores"][1:], reverse=True), "rejected not in rank order, best first"
+    kept = {"lowest": ["5", "22"], "highest": ["four", "3"]}.get(selection) if num_rejected == 2 else None
+    if kept is not None:  # `selection` chooses which are kept, not how they are listed
+        assert row["rejected"] == kept
+
+
+def test_rated_rows_dropped_rows_are_counted_per_reason_with_their_indices(caplog):
+    rows = [
+        ROWS[0],
+        rated("one", ("only", 0.5)),
+        ROWS[2],  # all scores equal
+        rated("close", ("a", 0.5), ("b", 0.45)),
+        ROWS[1],  # tie for the best
+        rated("flat2", ("c", 0.1), ("d", 0.1)),
+    ]
+    with caplog.at_level("WARNING", logger="trl_dpo_ext.convert"):
+        out = rated_to_multi_rejected(rows, min_score_gap=0.1, ties="skip")
+    assert [r["prompt"] for r in out] == ["2+2?"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "dropped 5 of 6 rows" in message
+    assert "1 with a single response (rows 1)" in message
+    assert "2 with all scores equal (rows 2, 5)" in message
+    assert "1 with a tie for the best score (ties='skip') (rows 4)" in message
+    assert "1 with fewer than min_rejected=1 rejected at least min_score_gap=0.1 below" in message
+    assert "(rows 3)" in message
+
+
+def test_rated_rows_drop_nothing_and_warn_nothing_when_every_row_converts(caplog):
+    with caplog.at_level("WARNING", logger="trl_dpo_ext.convert"):
+        rated_to_multi_rejected(ROWS[:2])
+    assert not caplog.records
 
 
 def test_rated_rows_select_hardest_negatives_with_highest():
@@ -40,11 +81,12 @@ def test_rated_rows_random_selection_is_seeded_and_keeps_scores_aligned():
     assert first == rated_to_multi_rejected(ROWS[:1], num_rejected=2, selection="random", seed=3)
     scores = {o: s for o, s in [("4", 0.9), ("5", 0.2), ("22", 0.1), ("four", 0.85), ("3", 0.3)]}
     assert first[0]["scores"] == [0.9] + [scores[r] for r in first[0]["rejected"]]
+    assert first[0]["scores"][1:] == sorted(first[0]["scores"][1:], reverse=True)
 
 
 def test_min_score_gap_leaves_out_close_responses():
     out = rated_to_multi_rejected(ROWS[:1], min_score_gap=0.1)
-    assert out[0]["rejected"] == ["22", "5", "3"]  # "four" (0.85) is within 0.1 of the chosen (0.9)
+    assert out[0]["rejected"] == ["3", "5", "22"]  # "four" (0.85) is within 0.1 of the chosen (0.9)
 
 
 def test_ties_skip_drops_rows_with_a_tied_best():
@@ -88,7 +130,18 @@ def test_rated_rows_conversational_and_parallel_score_lists_and_dataset_in_datas
         ),
         (
             {"instruction": "x", "completions": [{"output": "a", "score": float("nan")}]},
-            r"Row 1, column 'completions', item 0: expected a numeric score, got nan",
+            r"Row 1, column 'completions', item 0: expected a finite numeric score, got nan",
+        ),
+        (
+            {
+                "instruction": "x",
+                "completions": [{"output": "a", "score": 1.0}, {"output": "b", "score": float("inf")}],
+            },
+            r"Row 1, column 'completions', item 1: expected a finite numeric score, got inf",
+        ),
+        (
+            {"instruction": "x", "completions": ["a", "b"], "scores": [1.0, float("-inf")]},
+            r"Row 1, column 'scores', item 1: expected a finite numeric score, got -inf",
         ),
         (
             {"instruction": "x", "completions": [{"output": "", "score": 1.0}]},
@@ -126,8 +179,8 @@ def test_alpacaeval_rated_rows_to_one_chosen_and_three_rejected():
         assert row["scores"][0] == max(source.values()) == source[row["chosen"]]
         assert row["scores"][1:] == [source[r] for r in row["rejected"]]
         assert all(s <= row["scores"][0] - 0.01 for s in row["scores"][1:])
-        # The three lowest of the eligible responses
-        assert row["scores"][1:] == sorted(source.values())[:3]
+        # The three lowest of the eligible responses, listed best first
+        assert row["scores"][1:] == sorted(source.values())[:3][::-1]
 
 
 def test_group_pairwise_groups_rows_sharing_prompt_and_chosen():

@@ -1,6 +1,7 @@
 """Listwise losses over ranked or scored responses: Plackett-Luce, InfoNCA and NCA."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from trl_dpo_ext.losses import (
     score_targets,
     softmax_loss,
 )
+from trl_dpo_ext.rows import check_scores
 
 
 def logps_from_rewards(rewards: list[list[float]], beta: float = 1.0, pad: int = 0) -> PreferenceLogps:
@@ -167,3 +169,126 @@ def test_scores_of_the_wrong_length_name_the_row(tokenizer, tmp_path):
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
         )
+
+
+# ------------------------------------------------------------------------------ one rank order: rejected best first
+
+
+def fit_free_rewards(rows: list[dict], use_scores: bool, steps: int = 400) -> list[list[int]]:
+    """Fit free implicit rewards (one parameter per response) to `rows` by the Plackett-Luce loss; return, per row,
+    the response indices (0 = chosen, k = rejected k-1) from the highest fitted reward to the lowest."""
+    k_max = max(len(r["rejected"]) for r in rows)
+    mask = torch.tensor([[k < len(r["rejected"]) for k in range(k_max)] for r in rows])
+    chosen = torch.zeros(len(rows), 1, requires_grad=True)
+    rejected = torch.zeros(len(rows), k_max, requires_grad=True)
+    scores = None
+    if use_scores:
+        scores = torch.tensor([r["scores"] + [0.0] * (k_max + 1 - len(r["scores"])) for r in rows])
+    optimizer = torch.optim.Adam([chosen, rejected], lr=0.05)
+    for _ in range(steps):
+        logps = PreferenceLogps(chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(rejected), mask)
+        loss = listwise_loss("plackett_luce", logps, beta=1.0, scores=scores).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    rewards = torch.cat([chosen, rejected], dim=1).detach().tolist()
+    return [sorted(range(1 + len(r["rejected"])), key=lambda i: -v[i]) for r, v in zip(rows, rewards, strict=True)]
+
+
+def test_plackett_luce_on_converted_rated_rows_learns_the_same_ranking_with_and_without_scores():
+    from trl_dpo_ext.convert import rated_to_multi_rejected
+
+    rng = torch.Generator().manual_seed(0)
+    rated = []
+    for i, n in enumerate([5, 4, 6, 3]):  # responses in a shuffled order, distinct scores
+        scores = torch.rand(n, generator=rng).tolist()
+        rated.append(
+            {
+                "instruction": f"q{i}",
+                "completions": [{"output": f"r{i}-{j}", "score": s} for j, s in enumerate(scores)],
+            }
+        )
+    for selection in ("lowest", "random"):
+        rows = rated_to_multi_rejected(rated, num_rejected=3, selection=selection)
+        with_scores, without_scores = fit_free_rewards(rows, True), fit_free_rewards(rows, False)
+        assert with_scores == without_scores
+        # ... and that ranking is the scores' own: chosen first, then the rejected from best to worst
+        assert with_scores == [sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i]) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ([0.9, float("inf")], r"got inf at position 1 \(rejected 0\)"),
+        ([float("nan"), 0.2], r"got nan at position 0 \(the chosen\)"),
+        ([0.9, None], r"got None at position 1 \(rejected 0\)"),
+    ],
+)
+def test_scores_that_are_not_finite_numbers_name_the_row_the_column_and_the_value(
+    tokenizer, tmp_path, scores, message
+):
+    rows = [{**ROWS[1], "scores": [0.9, 0.2]}, {**ROWS[1], "scores": scores}]
+    policy, ref = policy_and_ref(tokenizer)
+    with pytest.raises(ValueError, match=r"Row 1, column 'scores': expected a list of finite numbers .*" + message):
+        DPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=make_args(tmp_path, rejected_reduction="infonca"),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ([0.9, "0.2"], r"expected a list of finite numbers .* got '0.2' at position 1 \(rejected 0\)"),
+        ([0.9, True], r".* got True at position 1 \(rejected 0\)"),
+        (0.9, r"expected a list of finite numbers .* got float 0.9"),
+    ],
+)
+def test_scores_of_another_type_name_the_row_the_column_and_the_value(scores, message):
+    # Values an Arrow column cannot mix with floats: checked on the row as `tokenize_row` sees it
+    with pytest.raises(ValueError, match=r"Row 4, column 'scores': " + message):
+        check_scores({"scores": scores}, num_rejected=1, idx=4)
+
+
+def make_trainer(tokenizer, tmp_path, rows, reduction):
+    policy, ref = policy_and_ref(tokenizer)
+    return DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=make_args(tmp_path, rejected_reduction=reduction),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+
+
+def test_plackett_luce_raises_on_a_rejected_scored_above_its_chosen_naming_the_row(tokenizer, tmp_path):
+    rows = [ROWS[0], {**ROWS[0], "scores": [0.5, 0.6, 0.3, 0.1]}]
+    with pytest.raises(ValueError, match=r"Row 1, column 'scores': rejected 0 scores 0.6, above the chosen's 0.5"):
+        make_trainer(tokenizer, tmp_path, rows, "plackett_luce")
+
+
+@pytest.mark.parametrize("reduction", ["infonca", "nca", "mean"])
+def test_chosen_scored_below_a_rejected_is_counted_in_one_warning_naming_the_rows(tokenizer, tmp_path, reduction):
+    below = {**ROWS[0], "scores": [0.5, 0.6, 0.3, 0.1]}
+    rows = [ROWS[0], below, ROWS[1], {**below, "scores": [0.0, 0.0, 0.0, 0.1]}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tokenizer, tmp_path, rows, reduction)
+    messages = [str(w.message) for w in caught if "scored below" in str(w.message)]
+    assert messages == [
+        "2 row(s) of the train dataset have a chosen scored below one of their own rejected in column 'scores' "
+        "(rows 1, 3). They are trained as given: the chosen is still preferred to every rejected."
+    ]
+
+
+def test_plackett_luce_without_scores_warns_once_that_the_listed_order_is_the_ranking(tokenizer, tmp_path):
+    unscored = [{c: r[c] for c in ("prompt", "chosen", "rejected")} for r in ROWS]
+    for rows, expected in [(unscored, 1), (ROWS, 0), ([{**r, "rejected": r["rejected"][:1]} for r in unscored], 0)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tokenizer, tmp_path, rows, "plackett_luce")
+        messages = [str(w.message) for w in caught if "listed order as the ranking, best first" in str(w.message)]
+        assert len(messages) == expected, messages

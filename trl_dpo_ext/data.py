@@ -33,6 +33,7 @@ from .rows import (
     first_rows,
     is_conversational_row,
     is_messages,
+    listed_order_warning,
     missing_columns,
     rejected_as_list,
     rejected_ids_as_list,
@@ -40,6 +41,7 @@ from .rows import (
     row_error,
     row_warnings,
     rows_filling_max_length,
+    scores_order_warnings,
     sequence_limit,
 )
 
@@ -174,7 +176,9 @@ def prepare_preference_dataset(
     def desc(text: str) -> dict:  # `IterableDataset.map` takes no `desc`
         return {"desc": f"{text} {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
 
-    limits = RowLimits(vocab_size, max_length, args.truncation_mode)
+    # The ranking of `plackett_luce` puts the chosen first: a rejected scored above it is an error in that row
+    chosen_first = loss_spec.reduction == "plackett_luce"
+    limits = RowLimits(vocab_size, max_length, args.truncation_mode, chosen_first)
     with global_then_local_main_first():
         if tokenized:
             dataset = dataset.map(
@@ -205,6 +209,10 @@ def prepare_preference_dataset(
             loss_spec.check_num_rejected(list(dataset["num_rejected"]), dataset_name, args.precompute_ref_log_probs)
             for message in row_warnings(dataset, dataset_name, max_length):
                 warnings.warn(message, stacklevel=4)
+            for message in scores_order_warnings(dataset, dataset_name, loss_spec.reduction):
+                warnings.warn(message, stacklevel=4)
+        elif chosen_first and dataset.column_names is not None and "scores" not in dataset.column_names:
+            warnings.warn(listed_order_warning(dataset_name), stacklevel=4)
 
         # As TRL: a prompt that fills `max_length` leaves no completion token under `keep_start` truncation
         if max_length is not None and args.truncation_mode == "keep_start":

@@ -60,12 +60,14 @@ def first_rows(indices: Sequence[int], limit: int = 5) -> str:
 
 @dataclass(frozen=True)
 class RowLimits:
-    """What a row is checked against besides its own values: the model's vocabulary and the truncation that the
-    collator will apply (`max_length`, `truncation_mode`)."""
+    """What a row is checked against besides its own values: the model's vocabulary, the truncation that the
+    collator will apply (`max_length`, `truncation_mode`), and whether the loss ranks the chosen first
+    (`plackett_luce`), which makes a rejected scored above its chosen an error."""
 
     vocab_size: int | None = None
     max_length: int | None = None
     truncation_mode: str = "keep_start"
+    chosen_first: bool = False
 
 
 def model_vocab_size(model: Any, args: Any) -> int | None:
@@ -203,7 +205,7 @@ def checked_ids(
         "num_rejected": len(rejected_ids),
         "num_identical_rejected": sum(r == chosen_ids for r in rejected_ids),
         "num_identical_after_truncation": num_identical_after_truncation(prompt_ids, chosen_ids, rejected_ids, limits),
-        **check_scores(example, len(rejected_ids), idx),
+        **check_scores(example, len(rejected_ids), idx, limits.chosen_first),
         INDEX_COLUMN: dataset_index(example, idx),
     }
 
@@ -238,20 +240,77 @@ def rejected_ids_as_list(value: Any, row: int) -> list[list[int]]:
     raise row_error(row, "rejected_ids", "a non-empty list[int] or list[list[int]]", value)
 
 
-def check_scores(example: dict[str, Any], num_rejected: int, idx: int) -> dict[str, list[float]]:
-    """The optional `scores` of a row: one finite float per response, the chosen's first, then each rejected's."""
+def _response_name(position: int) -> str:
+    return "the chosen" if position == 0 else f"rejected {position - 1}"
+
+
+def check_scores(
+    example: dict[str, Any], num_rejected: int, idx: int, chosen_first: bool = False
+) -> dict[str, list[float]]:
+    """The optional `scores` of a row: one finite number per response, the chosen's first, then each rejected's.
+
+    With `chosen_first` (the ranking of `plackett_luce` puts the chosen first), a rejected scored above its chosen
+    is an error; otherwise such rows are counted in one warning (`scores_order_warnings`).
+    """
     if "scores" not in example:
         return {}
     scores = example["scores"]
-    ok = isinstance(scores, list) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores)
-    if not ok:
-        raise row_error(idx, "scores", "a list of finite floats (the chosen's score, then each rejected's)", scores)
+    expected = "a list of finite numbers (the chosen's score, then each rejected's)"
+    if not isinstance(scores, list):
+        raise ValueError(f"Row {idx}, column 'scores': expected {expected}, got {type_name(scores)} {scores!r:.80}.")
+    for j, value in enumerate(scores):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"Row {idx}, column 'scores': expected {expected}, got {value!r} at position {j} "
+                f"({_response_name(j)})."
+            )
     if len(scores) != 1 + num_rejected:
         raise ValueError(
             f"Row {idx}, column 'scores': expected {1 + num_rejected} scores (the chosen's, then each of the "
             f"{num_rejected} rejected), got {len(scores)}."
         )
+    if chosen_first:
+        above = [k for k, value in enumerate(scores[1:]) if value > scores[0]]
+        if above:
+            raise ValueError(
+                f"Row {idx}, column 'scores': rejected {above[0]} scores {scores[1 + above[0]]!r}, above the chosen's "
+                f"{scores[0]!r}, but `rejected_reduction='plackett_luce'` ranks the chosen first. Fix or drop the row "
+                "(or swap it so that the best-scored response is the chosen)."
+            )
     return {"scores": [float(v) for v in scores]}
+
+
+def rows_with_chosen_below(scores: list[list[float]]) -> list[int]:
+    """Indices of the rows whose chosen is scored below at least one of its own rejected."""
+    return [i for i, row in enumerate(scores) if any(value > row[0] for value in row[1:])]
+
+
+def listed_order_warning(dataset_name: str) -> str:
+    return (
+        f"The {dataset_name} dataset has no 'scores' column: `rejected_reduction='plackett_luce'` takes each row's "
+        "'rejected' list in its listed order as the ranking, best first. Add the scores (as "
+        "`trl_dpo_ext.convert.rated_to_multi_rejected` does) to rank them by score."
+    )
+
+
+def scores_order_warnings(dataset: Dataset, dataset_name: str, reduction: str) -> list[str]:
+    """The convention: a row's `rejected` are in rank order, best first, and its chosen is above them all.
+
+    With a `scores` column, rows whose chosen is scored below one of its own rejected are counted in one warning
+    (deliberate, perhaps, for `infonca`/`nca` targets; `plackett_luce` has already raised on the first). Without one,
+    `plackett_luce` takes the listed order as the ranking, which one warning says.
+    """
+    if "scores" in dataset.column_names:
+        rows = rows_with_chosen_below(dataset["scores"])
+        if rows:
+            return [
+                f"{len(rows)} row(s) of the {dataset_name} dataset have a chosen scored below one of their own "
+                f"rejected in column 'scores' ({first_rows(rows)}). They are trained as given: the chosen is still "
+                "preferred to every rejected."
+            ]
+    elif reduction == "plackett_luce" and max(dataset["num_rejected"], default=1) > 1:
+        return [listed_order_warning(dataset_name)]
+    return []
 
 
 def dataset_index(example: dict[str, Any], idx: int) -> int:
