@@ -187,7 +187,8 @@ def build_trainer(
 
 
 def calibrate(arms_data, sft_dir, tokenizer, qc, sequences, out, steps: int = 8, rounds: int = 3) -> dict:
-    """Seconds per step of every arm: the median step of a short run, the arms interleaved, `rounds` times, the least kept.
+    """Seconds per step of every arm: the median step of a short run, the arms interleaved, `rounds` times, the least
+    kept.
 
     Prefix sharing is timed on `mean` (every K-list arm forwards the same batch; only the few tensor ops of the loss
     differ) and used by every K-list arm when it is the faster.

@@ -53,7 +53,8 @@ class DPOConfig(trl.DPOConfig):
             - `"softmax"`: the one-vs-K contrastive loss `−log e^{βΔw} / (e^{βΔw} + Σ_k e^{βΔlk})` (S-DPO, the top-1
               Plackett-Luce term).
             - `"plackett_luce"`: the likelihood of the full ranking chosen > rejected_1 > … > rejected_K (DPO paper,
-              appendix A.3); the rejected are ranked by the `scores` column when there is one, else taken as listed.
+              appendix A.3); the rejected are ranked by the `scores` column when there is one (a rejected scored
+              above its chosen is an error), else taken in their listed order, best first (a warning says so).
             - `"infonca"`, `"nca"`: InfoNCA and NCA (arXiv 2402.05369), fitting the implicit rewards to the target
               distribution softmax(scores / `score_temperature`) of the `scores` column (one-hot on the chosen
               without scores).
