@@ -1,6 +1,11 @@
-"""Summarise the JSON of `experiment_losses.py --part sort` as a markdown table: mean ± spread over the seeds.
+"""Markdown tables of the JSON of `experiment_losses.py`, one per budget: mean ± half-range over the seeds.
 
-python benchmarks/summarize_experiments.py docs/experiments_sort.json
+    python benchmarks/summarize_experiments.py docs/experiments_sort.json
+    python benchmarks/summarize_experiments.py docs/experiments_alpacaeval.json
+
+The last column compares each arm's range over the seeds [min, max] of the first metric with that of the arm of the
+best mean: `best`, `overlaps` (the seeds cannot tell them apart) or `below` (every seed of it is under every seed of
+the best arm); `—` with one seed. `stock_pairs` rows are the (chosen, rejected_k) pairs expanded from the K-lists.
 """
 
 from __future__ import annotations
@@ -11,22 +16,58 @@ import sys
 from collections import defaultdict
 
 
+METRICS = {
+    "sort": (("greedy_reward", "greedy reward"), ("accuracy", "held-out pref. accuracy")),
+    "alpacaeval": (("kendall_tau", "Kendall τ vs judge"), ("top1", "top-1")),
+}
+
+
+def cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def table(result: dict, budget: str) -> str:
+    metrics = METRICS[result["part"]]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in result["runs"]:
+        if run["budget"] in (budget, "none"):
+            groups[run["arm"]].append(run)
+    first = metrics[0][0]
+    ranges = {arm: [r[first] for r in runs] for arm, runs in groups.items() if arm != "sft"}
+    best = max(ranges, key=lambda arm: statistics.mean(ranges[arm])) if ranges else None
+    header = "| arm | K per row | steps | prompts/step | train s | " + " | ".join(m[1] for m in metrics)
+    lines = [header + " | seeds | vs best |", "|---" * (len(metrics) + 7) + "|"]
+    for arm, runs in groups.items():
+        if arm == "sft":
+            steps = k = prompts = seconds = "—"
+        else:
+            k = f"{statistics.mean(r['mean_k'] for r in runs):.2f}"
+            steps = f"{statistics.mean(r['steps'] for r in runs):.0f}"
+            prompts = str(runs[0]["prompts_per_step"])
+            seconds = f"{statistics.mean(r['train_seconds'] for r in runs):.1f}"
+            if runs[0].get("prefix_sharing"):
+                prompts += " (shared)"
+        verdict = "—"
+        if arm in ranges and len(runs) > 1:
+            verdict = "best" if arm == best else "overlaps" if max(ranges[arm]) >= min(ranges[best]) else "below"
+        metric_cells = " | ".join(cell([r[m] for r in runs]) for m, _ in metrics)
+        lines.append(f"| {arm} | {k} | {steps} | {prompts} | {seconds} | {metric_cells} | {len(runs)} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(path: str) -> None:
     result = json.load(open(path))
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for run in result["runs"]:
-        groups[(run["arm"], run["k"])].append(run)
-    print(f"{result['steps']} steps × {result['sequences_per_step']} policy sequences per step, {len(groups)} arms\n")
-    print("| arm | K (mean K kept) | greedy reward | held-out pref. accuracy | seeds |")
-    print("|---|---|---|---|---|")
-    for (arm, k), runs in groups.items():
-        cells = []
-        for key in ("greedy_reward", "accuracy"):
-            values = [r[key] for r in runs]
-            spread = (max(values) - min(values)) / 2
-            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
-        mean_k = statistics.mean(r.get("mean_k", 0) for r in runs)
-        print(f"| {arm} | {k} ({mean_k:.2f}) | {cells[0]} | {cells[1]} | {len(runs)} |")
+    config = result["config"]
+    print(f"Configuration: {json.dumps(config)}\n")
+    for seed, calibration in sorted(result.get("calibration", {}).items()):
+        per_step = ", ".join(
+            f"{arm} {c['seconds_per_step']:.3f}" for arm, c in calibration.items() if isinstance(c, dict)
+        )
+        speedup = calibration.get("prefix_sharing_speedup", 1.0)
+        print(f"Seed {seed}, seconds per step: {per_step}; prefix sharing ×{speedup:.2f} on the K-list batch\n")
+    for budget, title in (("sequences", "Equal forwarded sequences"), ("wall", "Equal wall-clock")):
+        print(f"{title} ({budget}):\n")
+        print(table(result, budget) + "\n")
 
 
 if __name__ == "__main__":
