@@ -20,9 +20,9 @@ Budgets, both reported:
 - `sequences`: the same optimizer steps for every arm, each of about `--sequences_per_step` forwarded policy
   sequences (fewer prompts per step as K grows);
 - `wall`: the same training seconds for every arm. Each arm's seconds per step are measured in a short timed warm-up
-  in this process (the arms interleaved, three times, the least kept), and the budget of `stock_pairs` at the sequence
-  budget (`--steps` × its seconds per step) is converted into steps per arm; this depends on the ratio of speeds
-  only, not on the load of the machine. K-list arms use prefix sharing where the warm-up finds it faster.
+  in this process, as CPU time of the single-threaded process (= wall-clock on one idle core, whatever else runs on
+  the machine), and the budget of `stock_pairs` at the sequence budget (`--steps` × its seconds per step) is
+  converted into steps per arm. K-list arms use prefix sharing where the warm-up finds it faster.
 The reference forward runs every step for every arm (no precompute), as it does in a real run.
 
 Resumable: runs already in `--output` (seed, arm, budget) are skipped, the SFT reference and the warm-up timings of a
@@ -131,16 +131,20 @@ def check_arm(arm: str, data: list[dict], source: list[dict]) -> str:
 
 
 class StepTimer(TrainerCallback):
-    """Wall-clock seconds of every optimizer step (forward, backward, optimizer), nothing else."""
+    """CPU seconds of every optimizer step (forward, backward, optimizer), nothing else.
+
+    The run is single-threaded, so the process's CPU time is the wall-clock the step takes on one idle core, whatever
+    else the machine runs (wall-clock itself varied 1.7× between two arms of identical shape on the shared machine).
+    """
 
     def __init__(self):
         self.seconds: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self._start)
+        self.seconds.append(time.process_time() - self._start)
 
 
 def prompts_per_step(arm: str, mean_k: float, sequences: int) -> int:
@@ -186,9 +190,9 @@ def build_trainer(
     return trainer, timer
 
 
-def calibrate(arms_data, sft_dir, tokenizer, qc, sequences, out, steps: int = 8, rounds: int = 3) -> dict:
-    """Seconds per step of every arm: the median step of a short run, the arms interleaved, `rounds` times, the least
-    kept.
+def calibrate(arms_data, sft_dir, tokenizer, qc, sequences, out, steps: int = 6, rounds: int = 1) -> dict:
+    """CPU seconds per step of every arm: the median step of a short run (the first left out), the arms interleaved,
+    `rounds` times, the least kept.
 
     Prefix sharing is timed on `mean` (every K-list arm forwards the same batch; only the few tensor ops of the loss
     differ) and used by every K-list arm when it is the faster.
