@@ -2,7 +2,7 @@
 
 Two tasks, the same arms and seeds, two budgets.
 
-- `--part sort`: the sort-the-digits task of the quickstart (`trl_dpo_ext.tasks`), with its ground-truth reward;
+- `--part sort`: the sort-the-digits task of the quickstart (`trl_dpo_ext.quickstart.task`), with its ground-truth reward;
   metrics on held-out prompts: the mean ground-truth reward of greedy answers, and the preference accuracy of the
   implicit reward on held-out (chosen, rejected) pairs.
 - `--part alpacaeval`: ../shared/data/alpacaeval-rated.jsonl.gz, 8 judge-rated responses per prompt; metric: how
@@ -57,15 +57,15 @@ from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
 from trl_dpo_ext.quickstart import (  # noqa: E402
     QuickstartConfig,
-    _pairs,
-    _train_args,
+    SortDigitsTask,
+    char_tokenizer,
     completion_logps,
     greedy_reward,
     implicit_reward_accuracy,
+    tiny_causal_lm,
 )
+from trl_dpo_ext.quickstart.demo import _pairs, _train_args  # noqa: E402
 from trl_dpo_ext.ref_init import train_sft_reference  # noqa: E402
-from trl_dpo_ext.tasks import SortDigitsTask  # noqa: E402
-from trl_dpo_ext.toy import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
