@@ -262,10 +262,10 @@ class Results:
 
 def run_seed(seed: int, rows: list[dict], make_model, tokenizer, qc, args, results: Results, evaluate) -> None:
     """SFT reference, warm-up timings, then every arm at both budgets, for one seed; `evaluate(policy)` → metrics."""
-    todo = [(a, b) for a in DPO_ARMS for b in BUDGETS if not results.has(seed, a, b)]
+    todo = [(a, b) for a in args.arms for b in args.budgets if not results.has(seed, a, b)]
     if results.has(seed, "sft", "none") and not todo:
         return
-    seed_dir = os.path.join(args.work_dir, f"{args.part}-seed{seed}")
+    seed_dir = os.path.join(args.work_dir, f"{args.part}-k{args.k}-seed{seed}")
     qc.seed = seed
     torch.manual_seed(seed)
     sft_dir = sft_reference(make_model(seed=seed), rows, tokenizer, qc, seed_dir)
@@ -278,14 +278,14 @@ def run_seed(seed: int, rows: list[dict], make_model, tokenizer, qc, args, resul
         mean_k = statistics.mean(len(r["rejected"]) for r in rows) if arm in LIST_ARMS else 1.0
         arms_data[arm] = (data, mean_k)
     key = str(seed)
-    if key not in results.data["calibration"]:
+    if "wall" in args.budgets and key not in results.data["calibration"]:
         results.data["calibration"][key] = calibrate(
             arms_data, sft_dir, tokenizer, qc, args.sequences_per_step, os.path.join(seed_dir, "warmup")
         )
         results.save()
         print(json.dumps({"seed": seed, "calibration": results.data["calibration"][key]}), flush=True)
-    calibration = results.data["calibration"][key]
-    wall_budget = args.steps * calibration[WALL_ANCHOR]["seconds_per_step"]
+    calibration = results.data["calibration"].get(key)
+    wall_budget = args.steps * calibration[WALL_ANCHOR]["seconds_per_step"] if calibration else None
     for arm, budget in todo:
         if arm == WALL_ANCHOR and budget == "wall" and results.has(seed, arm, "sequences"):
             # Its wall budget is its sequence budget by definition: the same run, not trained twice
@@ -295,7 +295,7 @@ def run_seed(seed: int, rows: list[dict], make_model, tokenizer, qc, args, resul
             results.add({**same, "budget": "wall"})
             continue
         data, mean_k = arms_data[arm]
-        sharing = calibration[arm]["prefix_sharing"]
+        sharing = calibration[arm]["prefix_sharing"] if calibration else False
         steps = args.steps
         if budget == "wall":
             steps = max(1, round(wall_budget / calibration[arm]["seconds_per_step"]))
@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--work_dir", type=str, default="/tmp/experiment_losses", help="SFT references, warm-ups.")
     parser.add_argument("--output", type=str, default=None, help="The JSON results (read first, to resume).")
+    parser.add_argument("--arms", nargs="+", choices=DPO_ARMS, default=list(DPO_ARMS), help="DPO arms to run.")
+    parser.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     part_sort(args) if args.part == "sort" else part_alpacaeval(args)
