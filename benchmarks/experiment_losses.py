@@ -28,8 +28,13 @@ The reference forward runs every step for every arm (no precompute), as it does 
 Resumable: runs already in `--output` (seed, arm, budget) are skipped, the SFT reference and the warm-up timings of a
 seed are reused (`--work_dir`), and the JSON is rewritten after every run.
 
-    python benchmarks/experiment_losses.py --part sort --output docs/experiments_sort.json
-    python benchmarks/experiment_losses.py --part alpacaeval --output docs/experiments_alpacaeval.json
+The runs of docs/experiments.md (which lists every command):
+
+    python benchmarks/experiment_losses.py --part sort --k 3 --p_correct 0.1 --steps 120 --sequences_per_step 64 \
+        --train_prompts 2000 --held_out 200 --sft_epochs 3 --seeds 0 1 2 --output docs/experiments_sort.json
+    python benchmarks/experiment_losses.py --part alpacaeval --k 7 --steps 30 --sequences_per_step 48 \
+        --train_prompts 655 --held_out 150 --max_chars 200 --vocab_size 1024 --sft_epochs 2 --seeds 0 1 2 3 4 \
+        --output docs/experiments_alpacaeval.json
 """
 
 from __future__ import annotations
