@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,11 @@ def test_sft_ref_command_makes_a_reference_that_dpo_reuses(tokenizer, tmp_path, 
         "--per_device_train_batch_size", "4", "--seed", "0", "--bf16", "False", "--report_to", "none",
     ]
     # fmt: on
-    sft_dir = main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft_dir = main(argv)
+    # The command's `ref_init_*` flags are its settings, not flags "set but unused" as they would be in a `dpo` run
+    assert not [w for w in caught if "are set but `ref_init=None`" in str(w.message)]
     assert capsys.readouterr().out.strip().endswith(sft_dir)
     assert sft_dir == str(tmp_path / "sft_ref") and len(sft_calls) == 1
 

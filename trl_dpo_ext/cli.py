@@ -80,7 +80,10 @@ def make_sft_ref_parser(prog: str = "trl-dpo-ext sft-ref"):
 
     from .config import DPOConfig
 
-    return TrlParser((ScriptArguments, DPOConfig, ModelConfig), prog=prog, epilog=LAUNCHER_HELP)
+    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig), prog=prog, epilog=LAUNCHER_HELP)
+    # The command makes the SFT reference: its `ref_init_*` flags are used, not "set but unused" as in a `dpo` run
+    parser.set_defaults(ref_init="sft_on_chosen")
+    return parser
 
 
 def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any) -> Any:
