@@ -53,6 +53,12 @@ def make_args(tmp_path, **kwargs):
     return DPOConfig(**{**defaults, **kwargs})
 
 
+def batch_of(trainer):
+    """One collated batch of all the trainer's prepared training rows, on its device."""
+    dataset = trainer.train_dataset
+    return trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+
+
 def loss_and_grads(trainer, rows: list[int] | None = None):
     """Loss and parameter gradients of the trainer on one collated batch of its prepared training rows."""
     dataset = trainer.train_dataset

@@ -4,7 +4,7 @@ the padded forward, with and without prefix sharing; the segment-wise attention 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_grads_close, loss_and_grads, make_args, policy_and_ref, sequence_logps
+from conftest import assert_grads_close, batch_of, loss_and_grads, make_args, policy_and_ref, sequence_logps
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -51,11 +51,6 @@ def trainer(tokenizer, tmp_path, name: str, arch="llama", data=None, ref=True, p
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-
-
-def batch_of(trainer):
-    dataset = trainer.train_dataset
-    return trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
 
 
 def assert_same_step(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_grads_close, loss_and_grads, make_args, policy_and_ref, sequence_logps
+from conftest import assert_grads_close, batch_of, loss_and_grads, make_args, policy_and_ref, sequence_logps
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -48,11 +48,6 @@ def trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-
-
-def batch_of(trainer):
-    dataset = trainer.train_dataset
-    return trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
 
 
 def test_collator_packs_prompt_once_with_restarting_positions():
