@@ -229,7 +229,7 @@ def common_config(args: argparse.Namespace, output_dir: str, batch_size: int) ->
         logging_steps=10**6,
         save_strategy="no",
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         max_length=getattr(args, "max_length", None),
         train_sampling_strategy=getattr(args, "sampling", "random"),
         dataloader_num_workers=0,
