@@ -55,7 +55,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, Qwen2Config, Qwen2ForCausalLM, TrainerCallback  # noqa: E402
 
 import trl_dpo_ext  # noqa: E402
-from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm  # noqa: E402
 
 
 # Model shapes: the CPU default, and Qwen2.5-0.5B's (Qwen2Config of Qwen/Qwen2.5-0.5B, random weights)
@@ -220,21 +220,16 @@ def fresh_models(args: argparse.Namespace, vocab_size: int, **model_kwargs):
 
 
 def common_config(args: argparse.Namespace, output_dir: str, batch_size: int) -> dict:
-    return dict(
-        output_dir=output_dir,
+    return cpu_training_args(
+        output_dir,
         per_device_train_batch_size=batch_size,
         max_steps=args.warmup + args.steps,
         learning_rate=1e-6,
-        report_to="none",
         logging_steps=10**6,
-        save_strategy="no",
         bf16=args.bf16,
         activation_checkpointing=args.gradient_checkpointing,
         max_length=getattr(args, "max_length", None),
         train_sampling_strategy=getattr(args, "sampling", "random"),
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
     )
 
 

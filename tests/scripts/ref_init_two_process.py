@@ -28,7 +28,7 @@ from trl_dpo_ext import (  # noqa: E402
     DPOTrainer,
     ref_init,  # noqa: E402
 )
-from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm  # noqa: E402
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm  # noqa: E402
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
@@ -56,19 +56,16 @@ def main(output_dir: str) -> None:
         for b in range(4)
     ]
     args = DPOConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        ddp_backend="gloo",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=4,
-        max_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        ref_init="sft_on_chosen",
-        ref_init_num_train_epochs=1,
-        ref_init_learning_rate=1e-3,
+        **cpu_training_args(
+            output_dir,
+            use_cpu=True,
+            ddp_backend="gloo",
+            per_device_train_batch_size=4,
+            max_steps=1,
+            ref_init="sft_on_chosen",
+            ref_init_num_train_epochs=1,
+            ref_init_learning_rate=1e-3,
+        )
     )
     result = {"rank": args.process_index, "world_size": args.world_size}
     for run in ("first", "second"):
