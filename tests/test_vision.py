@@ -207,6 +207,25 @@ def test_prefix_sharing_on_image_rows_equals_the_unshared_forward_and_encodes_ea
         assert results[True]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+def test_prefix_sharing_reads_the_text_models_attention_not_the_top_level_one(tmp_path):
+    """A VLM whose language model runs eager attention beside an SDPA vision tower: the packed rows must get the
+    additive mask eager attention adds to its scores (a bool mask added to the scores masks nothing)."""
+    rows = image_rows(num_rejected=(1, 2, 3))
+    per_token = {}
+    for shared in (False, True):
+        policy, ref, processor = vlm_policy_and_ref("llava")
+        for model in (policy, ref):
+            model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+        assert policy.config._attn_implementation != policy.config.text_config._attn_implementation
+        trainer = DPOTrainer(
+            model=policy, ref_model=ref, args=make_args(tmp_path / str(shared), prefix_sharing=shared,
+            per_device_train_batch_size=len(rows)), train_dataset=Dataset.from_list(rows), processing_class=processor,
+        )  # fmt: skip
+        with torch.no_grad():
+            per_token[shared], _ = trainer._per_token_logps(trainer.model, collate(trainer), reference=False)
+    torch.testing.assert_close(per_token[True], per_token[False], atol=1e-5, rtol=1e-5)
+
+
 def test_training_on_image_rows_with_prefix_sharing_updates_every_parameter_and_records_each_row(tmp_path):
     rows = image_rows(num_rejected=(1, 2, 3))
     trainer = ext_trainer(

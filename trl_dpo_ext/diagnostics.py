@@ -116,13 +116,14 @@ def weight_statistics(weights: torch.Tensor, prefix: str = GRAD_WEIGHT_PREFIX) -
     present = ~torch.isnan(weights)
     count = present.sum()
     filled = weights.nan_to_num(0.0)
-    quantiles = torch.nanquantile(weights.flatten(), torch.tensor(list(QUANTILES.values()), dtype=weights.dtype))
+    levels = torch.tensor(list(QUANTILES.values()), dtype=weights.dtype, device=weights.device)
+    quantiles = torch.nanquantile(weights.flatten(), levels)
     totals = torch.stack(
         [
             count.double(),
             filled.sum() / count,
             torch.where(present, weights, float("-inf")).max(),
-            *quantiles.to(weights.device),
+            *quantiles,
             ((weights > WRONG_THRESHOLD) & present).sum() / count,
             ((weights < LEARNED_THRESHOLD) & present).sum() / count,
         ]

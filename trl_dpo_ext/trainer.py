@@ -20,7 +20,6 @@ from transformers import ProcessorMixin
 
 from ._trl_compat import (
     add_train_tokens,
-    attn_implementation,
     extend_signature_columns,
     metrics_of,
     tokenizer_of,
@@ -45,7 +44,12 @@ from .forward import (
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import card_method
-from .packed_attention import check_model_supports_packing, check_packing_setup, prepare_packed_models
+from .packed_attention import (
+    attn_implementation,
+    check_model_supports_packing,
+    check_packing_setup,
+    prepare_packed_models,
+)
 from .rows import INDEX_COLUMN, check_ref_logps_columns, model_vocab_size
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
