@@ -186,3 +186,21 @@ def test_conversational_and_plain_rows_mixed_in_a_stream_fail_at_the_first_row_o
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_a_pretokenized_stream_with_unknown_features_is_prepared_as_pretokenized(tokenizer, tmp_path):
+    """`IterableDataset.from_generator` has no column names: the first row says the data is pre-tokenized."""
+    rows = [{"prompt_ids": [20, 21], "chosen_ids": [22], "rejected_ids": [[23], [24, 25]]}] * 4
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    assert stream.column_names is None
+    policy, ref_model = policy_and_ref(tokenizer)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref_model,
+        args=make_args(tmp_path, max_steps=1, per_device_train_batch_size=2),
+        train_dataset=stream,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert trainer.state.log_history[0]["num_rejected"] == 2

@@ -164,10 +164,12 @@ def prepare_preference_dataset(
         limit_name = f"`max_length={max_length}`"
     else:
         limit_name = f"`token_budget={max_length}` (which cuts sequences as `max_length` does, with `padding_free`)"
-    tokenized, missing = missing_columns(dataset.column_names)
+    # A stream whose features are unknown (`IterableDataset.from_generator`, after `.map`) is judged by its first row
+    column_names = dataset.column_names or list(next(iter(dataset)))
+    tokenized, missing = missing_columns(column_names)
     if missing:
         raise ValueError(
-            f"The {dataset_name} dataset has no column {missing} (columns: {dataset.column_names}). A preference "
+            f"The {dataset_name} dataset has no column {missing} (columns: {column_names}). A preference "
             "dataset needs 'chosen' and 'rejected' (text, with an optional 'prompt'), or 'prompt_ids', "
             "'chosen_ids' and 'rejected_ids' (pre-tokenized)."
         )

@@ -321,10 +321,8 @@ def dataset_index(example: dict[str, Any], idx: int) -> int:
     return value
 
 
-def missing_columns(column_names: list[str] | None) -> tuple[bool, list[str]]:
+def missing_columns(column_names: list[str]) -> tuple[bool, list[str]]:
     """Whether the dataset is pre-tokenized, and which required columns it lacks."""
-    if column_names is None:  # an IterableDataset whose features are unknown: rows are checked one by one
-        return False, []
     tokenized = "chosen_ids" in column_names or "rejected_ids" in column_names
     required = TOKENIZED_COLUMNS if tokenized else TEXT_COLUMNS
     return tokenized, [c for c in required if c not in column_names]
