@@ -353,6 +353,22 @@ def test_nan_in_precomputed_reference_log_probs_names_the_row(tokenizer, tmp_pat
         trainer_for(tokenizer, tmp_path, rows=rows, precompute_ref_log_probs=True)
 
 
+def test_nan_in_reference_log_probs_names_the_row_of_the_given_dataset_after_rows_are_dropped(tokenizer, tmp_path):
+    """Row 0's prompt fills `max_length` and is dropped: the bad row is still named by its position as given."""
+    rows = [
+        {"prompt_ids": [1, 1, 1, 1], "chosen_ids": [2], "rejected_ids": [[3]], "ref_chosen_logps": -1.0,
+         "ref_rejected_logps": [-2.0]},
+        {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [[3], [4]], "ref_chosen_logps": -1.0,
+         "ref_rejected_logps": [-2.0, -3.0]},
+        {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [[3], [4]], "ref_chosen_logps": -1.0,
+         "ref_rejected_logps": [-2.0, float("nan")]},
+    ]  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"Row 2, column 'ref_rejected_logps': expected a finite float for rejected 1"
+    ):
+        trainer_for(tokenizer, tmp_path, rows=rows, precompute_ref_log_probs=True, max_length=4)
+
+
 def test_given_reference_log_probs_are_used_without_a_reference_forward(tokenizer, tmp_path):
     rows = [
         {"prompt_ids": [20, 21], "chosen_ids": [22], "rejected_ids": [[23], [24, 25]], "ref_chosen_logps": -3.0,

@@ -389,7 +389,9 @@ def check_ref_logps(ref_chosen: Any, ref_rejected: Any, num_rejected: int, idx: 
 def check_ref_logps_columns(dataset: Dataset, name: str) -> None:
     """The precomputed reference log-probs of every row of a prepared dataset (`check_ref_logps`)."""
     columns = zip(dataset["ref_chosen_logps"], dataset["ref_rejected_logps"], dataset["rejected_ids"], strict=True)
-    for idx, (ref_chosen, ref_rejected, rejected_ids) in enumerate(columns):
+    # Rows are named by their position in the dataset given to the trainer, before any was dropped
+    indices = dataset[INDEX_COLUMN] if INDEX_COLUMN in dataset.column_names else range(len(dataset))
+    for idx, (ref_chosen, ref_rejected, rejected_ids) in zip(indices, columns, strict=True):
         try:
             check_ref_logps(ref_chosen, ref_rejected, len(rejected_ids), idx)
         except ValueError as error:
