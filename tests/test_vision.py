@@ -301,6 +301,16 @@ def test_bad_image_row_is_named_before_training(tmp_path):
         ext_trainer("llava", rows, tmp_path)
 
 
+def test_an_image_found_bad_when_its_batch_is_rendered_is_named_by_its_dataset_row(tmp_path):
+    """Images are not decoded before training; a bad one fails when its batch is collated, naming the row of the
+    dataset as given, not the row's position in the batch."""
+    rows = image_rows(num_rejected=(1, 2, 1))
+    rows[2]["images"] = None
+    trainer = ext_trainer("llava", rows, tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match=r"Row 2, column 'images'"):
+        trainer.data_collator([trainer.train_dataset[2]])
+
+
 @pytest.mark.filterwarnings("ignore:`return_outputs=True`:FutureWarning")
 def test_compute_metrics_on_image_rows_gets_the_logits_of_each_sequence_with_its_image(tmp_path):
     rows = image_rows(num_rejected=(1, 2, 3))

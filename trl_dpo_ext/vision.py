@@ -182,13 +182,13 @@ def check_image_datasets(datasets: dict[str, Any], args, loss_spec) -> None:
 
 def prepare_image_datasets(train_dataset, eval_dataset, args, loss_spec, models: dict, compute_metrics):
     """The trainer's checks of image rows after TRL's `__init__` (which leaves them unprepared): every dataset's rows,
-    and prefix sharing's support for the models; returns the training set, with each row's index when the gradient
-    weights are recorded."""
+    and prefix sharing's support for the models; returns the training set with each row's index, which the
+    gradient-weight record and the collator's errors (an image checked only when a batch renders it) name rows by."""
     eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
     check_image_datasets({"train": train_dataset, **eval_datasets}, args, loss_spec)
     if getattr(args, "prefix_sharing", False):
         check_image_prefix_sharing({k: m for k, m in models.items() if m is not None}, compute_metrics)
-    return with_index_column(train_dataset) if getattr(args, "grad_weight_record", False) else train_dataset
+    return with_index_column(train_dataset)
 
 
 def with_index_column(dataset):
