@@ -1,10 +1,12 @@
 """TRL features with K > 1 rejected: data formats, PEFT, precompute, checkpointing, evaluation, resume, bad input."""
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+import trl
 from conftest import (
     assert_every_trainable_parameter_changed,
     loss_and_grads,
@@ -17,7 +19,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.quickstart import tiny_causal_lm
+from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm
 
 
 ROWS = [
@@ -415,3 +417,27 @@ def test_conversational_rows_are_recognised_by_the_chosen_whatever_the_rejected(
     )
     assert is_conversational_row({"chosen": message, "rejected": []})
     assert not is_conversational_row({"prompt": "2+2=", "chosen": "4", "rejected": [["5"]]})
+
+
+def test_pad_token_of_the_config_pads_the_batch_and_reaches_the_model_as_in_trl(tokenizer, tmp_path):
+    trainer = trainer_for(tokenizer, tmp_path, pad_token="<unk>")
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    assert trainer.data_collator.pad_token_id == unk
+    assert trainer.model.config.pad_token_id == unk and trainer.model.generation_config.pad_token_id == unk
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == unk).all()
+
+
+def test_pad_token_outside_the_vocabulary_raises_trls_error(tmp_path):
+    def build(trainer_class, config_class, output_dir):
+        policy, ref = policy_and_ref(char_tokenizer())
+        args = config_class(**cpu_training_args(str(output_dir), pad_token="<nope>"))
+        rows = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+        return trainer_class(
+            model=policy, ref_model=ref, args=args, train_dataset=rows, processing_class=char_tokenizer()
+        )
+
+    with pytest.raises(ValueError) as stock:
+        build(trl.DPOTrainer, trl.DPOConfig, tmp_path / "stock")
+    with pytest.raises(ValueError, match=re.escape(str(stock.value))):
+        build(DPOTrainer, DPOConfig, tmp_path / "ext")

@@ -14,6 +14,27 @@ from .packing import pack_preference_batch
 from .rows import INDEX_COLUMN, rejected_ids_as_list, sequence_limit, truncation_slice
 
 
+def set_pad_token(args, processing_class):
+    """TRL's rule for the pad token of the collator it builds: `args.pad_token`, else the tokenizer's, else EOS, which
+    must be in the vocabulary; set on the tokenizer, which is returned (the trainer mirrors it onto the model)."""
+    tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+    pad_token = getattr(args, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token not in tokenizer.get_vocab():
+        raise ValueError(
+            f"The specified `pad_token` ('{pad_token}') is not found in the vocabulary of the given "
+            f"`processing_class` ({processing_class.__class__.__name__}). Ensure that the `pad_token` exists "
+            "in the vocabulary before using it as a padding token."
+        )
+    tokenizer.pad_token = pad_token
+    return tokenizer
+
+
+def mirror_pad_token(model, pad_token_id: int) -> None:
+    """The model's configs take the collator's pad token id, as TRL sets them when it builds its collator."""
+    model.config.get_text_config().pad_token_id = pad_token_id
+    model.generation_config.pad_token_id = pad_token_id
+
+
 @dataclass
 class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
     """
@@ -75,10 +96,8 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
 
     @classmethod
     def from_config(cls, args, processing_class) -> DataCollatorForMultiRejectedPreference:
-        """The collator a `DPOConfig` asks for; a tokenizer without a pad token pads with EOS, as TRL."""
-        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        """The collator a `DPOConfig` asks for, padding with the pad token TRL would (`set_pad_token`)."""
+        tokenizer = set_pad_token(args, processing_class)
         return cls(
             pad_token_id=tokenizer.pad_token_id,
             max_length=args.max_length,

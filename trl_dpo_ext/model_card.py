@@ -80,3 +80,18 @@ def card_method(rejected_reduction: str, loss_types: list[str] | None = None) ->
     if loss_types and list(loss_types) != ["sigmoid"]:
         return CardMethod(f"{method.name}, loss_type={'+'.join(loss_types)}", method.paper)
     return method
+
+
+class ModelCardMixin:
+    """What TRL's `create_model_card` names, for a trainer with `rejected_reduction`: it writes "trained with {_name},
+    a method introduced in {_paper}" and tags the card with `_tag_names`."""
+
+    _tag_names = ["trl", "dpo", "trl-dpo-ext"]
+
+    @property
+    def _name(self) -> str:
+        return card_method(self.rejected_reduction, self.args.loss_type).name
+
+    @property
+    def _paper(self) -> dict[str, str]:
+        return card_method(self.rejected_reduction).paper

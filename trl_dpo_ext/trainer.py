@@ -26,7 +26,7 @@ from ._trl_compat import (
     total_train_tokens,
 )
 from .checkpoints import resolve_resume_checkpoint
-from .collator import DataCollatorForMultiRejectedPreference
+from .collator import DataCollatorForMultiRejectedPreference, mirror_pad_token
 from .config import DPOConfig, check_distributed_launch
 from .data import load_processing_class, model_id, prepare_preference_dataset
 from .diagnostics import GradWeightDiagnostics
@@ -43,7 +43,7 @@ from .forward import (
 )
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
-from .model_card import card_method
+from .model_card import ModelCardMixin
 from .packed_attention import (
     attn_implementation,
     check_model_supports_packing,
@@ -65,7 +65,7 @@ logger = get_logger(__name__)
 EXTRA_SIGNATURE_COLUMNS = ["scores", INDEX_COLUMN]
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     """[`trl.DPOTrainer`] whose rows may carry a list of K ≥ 1 rejected responses (K may vary from row to row).
 
     Takes the same arguments as [`trl.DPOTrainer`], and a [`trl_dpo_ext.DPOConfig`] (a plain `trl.DPOConfig` works
@@ -85,17 +85,6 @@ class DPOTrainer(trl.DPOTrainer):
     >>> trainer.train()
     ```
     """
-
-    _tag_names = ["trl", "dpo", "trl-dpo-ext"]
-
-    # TRL's `create_model_card` writes "trained with {_name}, a method introduced in {_paper}": name the reduction
-    @property
-    def _name(self) -> str:
-        return card_method(self.rejected_reduction, self.args.loss_type).name
-
-    @property
-    def _paper(self) -> dict[str, str]:
-        return card_method(self.rejected_reduction).paper
 
     def __init__(
         self,
@@ -125,7 +114,8 @@ class DPOTrainer(trl.DPOTrainer):
         )
 
         check_packing_setup(args, data_collator, self._image_rows)
-        if data_collator is None:
+        builds_collator = data_collator is None
+        if builds_collator:
             # The parent builds its pairwise collator when none is given; build the K-rejected one instead, which
             # needs the tokenizer's pad token, so load the processing class now as the parent would
             processing_class = processing_class or load_processing_class(model, args)
@@ -171,6 +161,8 @@ class DPOTrainer(trl.DPOTrainer):
         finally:
             args.padding_free = padding_free
         self.padding_free = padding_free
+        if builds_collator:  # as TRL when it builds the collator: the model agrees with the tokenizer's pad token
+            mirror_pad_token(self.accelerator.unwrap_model(self.model), tokenizer_of(self).pad_token_id)
         self._setup_packed_forward()  # the models TRL loaded, and MoE router losses, known only now
         if self._image_rows:  # TRL leaves image rows unprepared: check them here
             models = {"model": self.model, "ref_model": self.ref_model}

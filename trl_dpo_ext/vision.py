@@ -34,7 +34,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import apply_chat_template, prepare_multimodal_messages
 
 from ._trl_compat import multimodal_rope_index
-from .collator import DataCollatorForMultiRejectedPreference
+from .collator import DataCollatorForMultiRejectedPreference, set_pad_token
 from .data import extract_prompt_multi
 from .prefix_sharing import PAD_SEGMENT, pack_example
 from .rows import (
@@ -239,6 +239,7 @@ class DataCollatorForMultiRejectedVisionPreference(DataCollatorMixin):
     @classmethod
     def from_config(cls, args, processor: ProcessorMixin) -> DataCollatorForMultiRejectedVisionPreference:
         """The collator a `DPOConfig` asks for (TRL's vision collator takes the same fields but `prefix_sharing`)."""
+        set_pad_token(args, processor)
         return cls(
             processor=processor,
             max_length=args.max_length,
