@@ -403,6 +403,20 @@ def test_flex_attention_on_cpu_raises_naming_sdpa(tokenizer, tmp_path):
         )
 
 
+def test_prefix_sharing_with_a_collator_that_does_not_pack_raises(tokenizer, tmp_path):
+    """Otherwise the run would silently train unshared."""
+    policy, ref = policy_and_ref(tokenizer)
+    with pytest.raises(ValueError, match=r"`prefix_sharing=True` needs a collator that packs each example's prompt"):
+        DPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=make_args(tmp_path, prefix_sharing=True),
+            data_collator=DataCollatorForMultiRejectedPreference(pad_token_id=tokenizer.pad_token_id),
+            train_dataset=Dataset.from_list(rows()),
+            processing_class=tokenizer,
+        )
+
+
 def test_padding_free_with_a_collator_that_does_not_pack_raises(tokenizer, tmp_path):
     policy, ref = policy_and_ref(tokenizer)
     with pytest.raises(ValueError, match=r"`padding_free=True` needs a collator that lays the batch in packed rows"):

@@ -441,3 +441,10 @@ def test_pad_token_outside_the_vocabulary_raises_trls_error(tmp_path):
         build(trl.DPOTrainer, trl.DPOConfig, tmp_path / "stock")
     with pytest.raises(ValueError, match=re.escape(str(stock.value))):
         build(DPOTrainer, DPOConfig, tmp_path / "ext")
+
+
+def test_the_collators_columns_are_kept_once_whatever_the_number_of_dataloaders(tokenizer, tmp_path):
+    trainer = trainer_for(tokenizer, tmp_path)
+    for _ in range(3):  # transformers sets the signature columns for every dataloader it builds
+        trainer._set_signature_columns_if_needed()
+    assert trainer._signature_columns.count("scores") == 1 and trainer._signature_columns.count("dataset_index") == 1

@@ -121,7 +121,11 @@ def tokenizer_of(trainer):
 
 
 def extend_signature_columns(trainer, columns: list[str]) -> None:
-    trainer._signature_columns = [*trainer._signature_columns, *columns]
+    """Add `columns` to those `remove_unused_columns` keeps (once: transformers calls the setter per dataloader)."""
+    trainer._signature_columns = [
+        *trainer._signature_columns,
+        *(c for c in columns if c not in trainer._signature_columns),
+    ]
 
 
 def attn_implementation(model_or_config) -> str | None:

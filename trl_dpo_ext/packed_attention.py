@@ -263,8 +263,16 @@ def use_segment_sdpa(model) -> None:
 
 
 def check_packing_setup(args, data_collator, image_rows: bool) -> None:
-    """Raise, before any work, for a `padding_free=True` run that could not pack: a given collator that does not,
-    or image rows."""
+    """Raise, before any work, for a run that could not pack: a given collator that does not pack what
+    `prefix_sharing` or `padding_free` asks for, or `padding_free` with image rows."""
+    if getattr(args, "prefix_sharing", False) and data_collator is not None:
+        if not getattr(data_collator, "prefix_sharing", False):
+            raise ValueError(
+                f"`prefix_sharing=True` needs a collator that packs each example's prompt once, but the given "
+                f"{type(data_collator).__name__} does not (no `prefix_sharing=True`). Leave `data_collator=None` for "
+                "the default one, pass `DataCollatorForMultiRejectedPreference(..., prefix_sharing=True)`, or set "
+                "`prefix_sharing=False`."
+            )
     if not args.padding_free:
         return
     if data_collator is not None and not getattr(data_collator, "padding_free", False):
