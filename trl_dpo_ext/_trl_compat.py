@@ -16,6 +16,9 @@ from collections import defaultdict
 import trl
 from packaging.version import Version
 
+# - `DataCollatorMixin`: the base of transformers' (and TRL's) collators, dispatching `__call__` to `torch_call`.
+from transformers.data.data_collator import DataCollatorMixin  # noqa: F401
+
 # transformers internals of the packed forward (`trl_dpo_ext.packed_attention`):
 # - `sdpa_attention_forward(module, q, k, v, mask, dropout, scaling, **kw)`: transformers' SDPA attention function,
 #   which the registered segment-wise SDPA runs on every ordinary (unpacked) forward.
@@ -28,6 +31,9 @@ from transformers.masking_utils import sdpa_mask  # noqa: E402, F401
 # - `TRAINER_STATE_NAME` ("trainer_state.json"): the file `transformers.Trainer._save_checkpoint` writes last, after the
 #   weights and the optimizer, scheduler and RNG states; a checkpoint holding it whole is complete (`checkpoints.py`).
 from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401
+
+# - `PREFIX_CHECKPOINT_DIR` ("checkpoint"): the prefix of the `checkpoint-N` folders `transformers.Trainer` saves.
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: F401
 
 # `trl dpo`'s resolver: `resolve_accelerate_config_argument(args)` turns `--accelerate_config NAME|PATH` into
 # `--config_file PATH`, NAME being a file of `ACCELERATE_CONFIGS_PACKAGE` (used by `launch.py`).

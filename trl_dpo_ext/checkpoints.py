@@ -14,9 +14,7 @@ import logging
 import os
 import re
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-from ._trl_compat import TRAINER_STATE_NAME
+from ._trl_compat import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME
 
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 from transformers import ProcessorMixin
-from transformers.data.data_collator import DataCollatorMixin
 
-from ._trl_compat import pad
+from ._trl_compat import DataCollatorMixin, pad
 from .packing import pack_preference_batch
 from .rows import INDEX_COLUMN, rejected_ids_as_list, sequence_limit, truncation_slice
 

@@ -255,7 +255,7 @@ def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
     rejected keep their order and duplicates are dropped. `max_rejected` keeps the first ones.
     Other columns are not carried over (they may differ between the rows of a group).
     """
-    from trl.data_utils import extract_prompt
+    from trl import extract_prompt
 
     if max_rejected is not None and max_rejected < 1:
         raise ValueError(f"`max_rejected` must be at least 1 (or None for all), got {max_rejected}.")

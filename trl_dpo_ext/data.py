@@ -18,7 +18,7 @@ from typing import Any
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor
-from trl.data_utils import extract_prompt
+from trl import extract_prompt
 
 from ._trl_compat import common_prefix_length, get_config_model_id, global_then_local_main_first, tokenize
 from .rows import (

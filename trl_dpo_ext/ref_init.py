@@ -31,8 +31,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
-from transformers.trainer_callback import ProgressCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 

@@ -30,10 +30,9 @@ from typing import Any, NamedTuple
 import torch
 from datasets import Dataset
 from transformers import ProcessorMixin
-from transformers.data.data_collator import DataCollatorMixin
 from trl import apply_chat_template, prepare_multimodal_messages
 
-from ._trl_compat import multimodal_rope_index
+from ._trl_compat import DataCollatorMixin, multimodal_rope_index
 from .collator import DataCollatorForMultiRejectedPreference, set_pad_token
 from .data import extract_prompt_multi
 from .prefix_sharing import PAD_SEGMENT, pack_example
