@@ -86,6 +86,18 @@ def make_sft_ref_parser(prog: str = "trl-dpo-ext sft-ref"):
     return parser
 
 
+def set_model_init_kwargs(model_args: Any, training_args: Any) -> None:
+    """How `dpo` and `sft-ref` load the model, as TRL's `trl dpo` does: `ModelConfig`'s revision, attention and dtype,
+    the config's `trust_remote_code`, and any `model_init_kwargs` of the config over them."""
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+
+
 def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any) -> Any:
     """Train as TRL's `trl/scripts/dpo.py` does, with `trl_dpo_ext.DPOTrainer` and local JSON-lines datasets.
 
@@ -98,15 +110,7 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
     from .trainer import DPOTrainer
 
     logger = get_logger(__name__)
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if training_args.model_init_kwargs is not None:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = model_init_kwargs
+    set_model_init_kwargs(model_args, training_args)
 
     if dataset_args.datasets:
         if script_args.dataset_name:
@@ -185,13 +189,7 @@ def sft_ref(script_args: Any, args: Any, model_args: Any) -> str:
         raise NotImplementedError(
             "The SFT reference is made without quantization; drop --load_in_4bit/--load_in_8bit."
         )
-    model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "dtype": model_args.dtype,
-        "attn_implementation": model_args.attn_implementation,
-    }
-    model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
-    args.model_init_kwargs = {**model_init_kwargs, **(args.model_init_kwargs or {})}
+    set_model_init_kwargs(model_args, args)
     dataset = load_preference_dataset(
         script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_train_split
     )
