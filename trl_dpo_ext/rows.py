@@ -340,6 +340,14 @@ def rows_filling_max_length(dataset: Dataset, max_length: int) -> tuple[list[int
     return _rows_where(dataset, pc.greater_equal(lengths, max_length)), pc.min(lengths).as_py() or 0
 
 
+def identical_rejected_message(count: int, rows: Sequence[int], dataset_name: str) -> str:
+    """The warning for rejected responses identical to their row's chosen (kept: they only carry no gradient)."""
+    return (
+        f"{count} rejected response(s) of the {dataset_name} dataset are identical to their chosen response "
+        f"({first_rows(rows)}). They are kept, but such a pair carries no gradient."
+    )
+
+
 def row_warnings(dataset: Dataset, dataset_name: str, max_length: int | None) -> list[str]:
     """What trains but carries no gradient, or less than it seems, in a prepared `Dataset`: one line per kind, with
     the count and the first rows."""
@@ -348,10 +356,7 @@ def row_warnings(dataset: Dataset, dataset_name: str, max_length: int | None) ->
     identical = _rows_where(dataset, pc.greater(table["num_identical_rejected"], 0))
     if identical:
         count = pc.sum(table["num_identical_rejected"]).as_py()
-        messages.append(
-            f"{count} rejected response(s) of the {dataset_name} dataset are identical to their chosen response "
-            f"({first_rows(identical)}). They are kept, but such a pair carries no gradient."
-        )
+        messages.append(identical_rejected_message(count, identical, dataset_name))
     truncated = _rows_where(dataset, pc.greater(table["num_identical_after_truncation"], 0))
     if truncated:
         count = pc.sum(table["num_identical_after_truncation"]).as_py()

@@ -40,6 +40,7 @@ from .rows import (
     INDEX_COLUMN,
     TEXT_COLUMNS,
     check_scores,
+    identical_rejected_message,
     is_conversational_row,
     is_messages,
     rejected_as_list,
@@ -145,13 +146,13 @@ def render_image_row(example: dict[str, Any], processor: ProcessorMixin, idx: in
     return ImageRow(images, prompt_text, texts)
 
 
-def check_image_rows(dataset: Dataset, dataset_name: str) -> tuple[list[int], int]:
+def check_image_rows(dataset: Dataset, dataset_name: str) -> tuple[list[int], int, list[int]]:
     """Check the text columns of every image row of a `Dataset` before training (its images are not decoded).
 
-    Returns each row's number of rejected, and how many rejected are identical to their row's chosen.
+    Returns each row's number of rejected, how many rejected are identical to their row's chosen, and those rows.
     """
     columns = [c for c in ("prompt", *TEXT_COLUMNS, "scores") if c in dataset.column_names]
-    num_rejected, identical = [], 0
+    num_rejected, identical, identical_rows = [], 0, []
     for idx, example in enumerate(dataset.select_columns(columns)):
         try:
             _, responses, _ = row_responses(example, idx)
@@ -159,8 +160,10 @@ def check_image_rows(dataset: Dataset, dataset_name: str) -> tuple[list[int], in
         except ValueError as error:
             raise ValueError(f"{error} (in the {dataset_name} dataset)") from None
         num_rejected.append(len(responses) - 1)
-        identical += sum(response == responses[0] for response in responses[1:])
-    return num_rejected, identical
+        same = sum(response == responses[0] for response in responses[1:])
+        identical += same
+        identical_rows += [idx] if same else []
+    return num_rejected, identical, identical_rows
 
 
 def check_image_datasets(datasets: dict[str, Any], args, loss_spec) -> None:
@@ -169,14 +172,10 @@ def check_image_datasets(datasets: dict[str, Any], args, loss_spec) -> None:
     for name, dataset in datasets.items():
         if not isinstance(dataset, Dataset):
             continue
-        num_rejected, identical = check_image_rows(dataset, name)
+        num_rejected, identical, identical_rows = check_image_rows(dataset, name)
         loss_spec.check_num_rejected(num_rejected, name, args.precompute_ref_log_probs)
         if identical:
-            warnings.warn(
-                f"{identical} rejected response(s) of the {name} dataset are identical to their chosen response. "
-                "They are kept, but such a pair carries no gradient.",
-                stacklevel=3,
-            )
+            warnings.warn(identical_rejected_message(identical, identical_rows, name), stacklevel=3)
 
 
 def prepare_image_datasets(train_dataset, eval_dataset, args, loss_spec, models: dict, compute_metrics):
