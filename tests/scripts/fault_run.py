@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+from _rows import addition_rows  # noqa: E402  (this script's folder is on sys.path)
+
 from trl_dpo_ext import DPOConfig, DPOTrainer, ref_init  # noqa: E402
 from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm  # noqa: E402
 
@@ -63,11 +65,7 @@ def install_kill(point: str | None) -> None:
 def main(output_dir: str) -> None:
     install_kill(os.environ.get("KILL_AT"))
     tokenizer = char_tokenizer()
-    rows = [
-        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": [str(a + b + 1), "x"]}
-        for a in range(4)
-        for b in range(4)
-    ]
+    rows = addition_rows()
     args = DPOConfig(
         **cpu_training_args(
             output_dir,

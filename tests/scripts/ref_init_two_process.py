@@ -23,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
+from _rows import addition_rows  # noqa: E402  (this script's folder is on sys.path)
+
 from trl_dpo_ext import (  # noqa: E402
     DPOConfig,
     DPOTrainer,
@@ -50,11 +52,7 @@ def main(output_dir: str) -> None:
     ref_init._SFTReferenceTrainer.train = counted_train
 
     tokenizer = char_tokenizer()
-    rows = [
-        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": [str(a + b + 1), "x"]}
-        for a in range(4)
-        for b in range(4)
-    ]
+    rows = addition_rows()
     args = DPOConfig(
         **cpu_training_args(
             output_dir,
