@@ -12,7 +12,7 @@ from trl_dpo_ext import DPOConfig, DPOTrainer
 from trl_dpo_ext.collator import DataCollatorForMultiRejectedPreference
 from trl_dpo_ext.forward import sequence_logps as forward_sequence_logps
 from trl_dpo_ext.losses import REJECTED_REDUCTIONS
-from trl_dpo_ext.packed_attention import SEGMENT_SDPA, dense_attention_mask, packed_model_inputs, segment_attention
+from trl_dpo_ext.packing import SEGMENT_SDPA, dense_attention_mask, packed_model_inputs, segment_attention
 from trl_dpo_ext.quickstart import tiny_causal_lm
 
 

@@ -19,7 +19,7 @@ from packaging.version import Version
 # - `DataCollatorMixin`: the base of transformers' (and TRL's) collators, dispatching `__call__` to `torch_call`.
 from transformers.data.data_collator import DataCollatorMixin  # noqa: F401
 
-# transformers internals of the packed forward (`trl_dpo_ext.packed_attention`):
+# transformers internals of the packed forward (`trl_dpo_ext.packing`):
 # - `sdpa_attention_forward(module, q, k, v, mask, dropout, scaling, **kw)`: transformers' SDPA attention function,
 #   which the registered segment-wise SDPA runs on every ordinary (unpacked) forward.
 # - `sdpa_mask`: SDPA's mask builder, registered for that implementation so that ordinary forwards get SDPA's masks.

@@ -16,7 +16,7 @@ from accelerate.utils import is_peft_model
 
 from ._trl_compat import disable_gradient_checkpointing, use_adapter
 from .losses import PreferenceLogps, length_desensitized_logps
-from .packed_attention import packed_model_inputs, unpack_outputs
+from .packing import packed_model_inputs, unpack_outputs
 
 
 # Keys of the collated batch that the model's forward takes

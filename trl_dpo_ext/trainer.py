@@ -5,7 +5,7 @@ is a list of K responses put the chosen and each rejected through the policy and
 sequences per example, not the 2K of rows expanded to pairs).
 
 The trainer overrides TRL's seams and delegates (docs/architecture.md): data to `data.py` and `collator.py` (images:
-`vision.py`), log-probs to `forward.py` (packed rows: `packing.py`, `packed_attention.py`), the loss to a `LossSpec`,
+`vision.py`), log-probs to `forward.py` (packed rows: `packing/`), the loss to a `LossSpec`,
 metrics to `metrics.py`, gradient weights to `diagnostics.py`, the reference to `ref_init.py`. The private TRL methods
 it overrides, and why, are in `_trl_compat.OVERRIDDEN_DPO_METHODS`; every private attribute goes through `_trl_compat`.
 """
@@ -44,7 +44,7 @@ from .forward import (
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import ModelCardMixin
-from .packed_attention import (
+from .packing import (
     attn_implementation,
     check_model_supports_packing,
     check_packing_setup,

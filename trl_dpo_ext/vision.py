@@ -16,7 +16,7 @@ B + Σ K_i sequences out as `DataCollatorForMultiRejectedPreference` does for te
 - Unshared forward: the image inputs (`pixel_values`, `image_grid_thw`, ...) are repeated once per sequence, as TRL
   repeats them for its chosen and rejected halves: the vision encoder sees each image K + 1 times.
 - `prefix_sharing=True`: the image tokens are part of the prompt, which the packed row holds once
-  (`trl_dpo_ext.prefix_sharing`); the image inputs are given once per example, so the vision encoder runs once for
+  (`trl_dpo_ext.packing`); the image inputs are given once per example, so the vision encoder runs once for
   the chosen and all K rejected. Per-token processor outputs (`token_type_ids`, `mm_token_type_ids`) are packed like
   `input_ids`, and models with multimodal 3D RoPE positions (Qwen2.5-VL) get them for the packed row.
 """
@@ -35,7 +35,7 @@ from trl import apply_chat_template, prepare_multimodal_messages
 from ._trl_compat import DataCollatorMixin, multimodal_rope_index
 from .collator import DataCollatorForMultiRejectedPreference, set_pad_token
 from .data import extract_prompt_multi
-from .prefix_sharing import PAD_SEGMENT, pack_example
+from .packing import PAD_SEGMENT, pack_example
 from .rows import (
     INDEX_COLUMN,
     TEXT_COLUMNS,
@@ -214,7 +214,7 @@ class DataCollatorForMultiRejectedVisionPreference(DataCollatorMixin):
     - unshared: the image inputs of every sequence (chosen ones first, then the rejected, example by example), so
       each image is repeated K_i + 1 times. With K_i = 1 this is the batch of TRL's `DataCollatorForVisionPreference`
       (the same tokens, masks and image inputs);
-    - `prefix_sharing=True`: the image inputs once per example, the packed rows of `trl_dpo_ext.prefix_sharing`, and
+    - `prefix_sharing=True`: the image inputs once per example, the packed rows of `trl_dpo_ext.packing`, and
       the per-token outputs packed as `packed_token_type_ids` / `packed_mm_token_type_ids` [B, L_p].
 
     Args:

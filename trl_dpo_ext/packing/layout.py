@@ -4,17 +4,22 @@ The unit laid in a row is a *block*:
 
 - without prefix sharing, one sequence `prompt + response` (one segment, no shared prefix);
 - with prefix sharing, one example `[prompt[:-1] | prompt[-1], chosen | prompt[-1], rejected_1 | …]` (see
-  `trl_dpo_ext.prefix_sharing.pack_example`), or, when it exceeds the token budget, several blocks that each repeat
-  the prompt and carry some of its responses.
+  `pack_example`), or, when it exceeds the token budget, several blocks that each repeat the prompt and carry some
+  of its responses.
 
 `padding_free=False` puts one block per row and pads the rows to the longest (prefix sharing alone);
 `padding_free=True` lays the blocks end to end, in one row, or in as few rows of at most `token_budget` tokens as
 best-fit decreasing finds. Inside a block, positions restart at 0 (and at `P - 1` in each shared segment), and a
 token attends to the earlier tokens of its own block that are in the shared prefix or in its own segment: never to
-another block. The attention side (masks, kernels) is `trl_dpo_ext.packed_attention`.
+another block. The attention side is `masks`, `attention` and `inputs`.
 
 The packed per-token outputs [N, L - 1] are then gathered (`unpack_index`) into the layout of the unshared padded
 batch [B + R, L_u - 1], so everything after the forward runs unchanged.
+
+A shared block repeats the last prompt token at the head of every segment, at position `P - 1`: that copy sees
+exactly what the last prompt token sees in the unshared sequence (the prompt before it, and itself), so its hidden
+state is the same, and it predicts the first response token; TRL's fused LM head then scores the packed row as it is
+(docs/prefix_sharing.md). The copies cost one token per response.
 
 Shapes: B examples, R = Σ K_i rejected, N packed rows of length L, L_u the unshared padded length.
 Segment ids: -1 padding, 0 the shared prefix, s ≥ 1 the s-th segment of its block.
@@ -27,12 +32,48 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._trl_compat import pad
-from .prefix_sharing import PAD_SEGMENT, PREFIX_SEGMENT, pack_example
+from .._trl_compat import pad
 
 
+PAD_SEGMENT = -1
+PREFIX_SEGMENT = 0
 PAD_DOCUMENT = -1
-__all__ = ["PAD_DOCUMENT", "PAD_SEGMENT", "PREFIX_SEGMENT", "pack_preference_batch"]
+
+
+def pack_example(
+    prompt_ids: list[int], responses: list[list[int]], max_length: int | None = None
+) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """Pack one prompt and its responses (chosen first) into one row.
+
+    `max_length` truncates each prompt + response as the unshared collator does with `truncation_mode="keep_start"`:
+    the prompt first, then each response to what is left.
+
+    Returns:
+        `input_ids`, `segment_ids`, `position_ids` (each a list of length L_row), and for each response the packed
+        positions that predict its tokens (`pred_positions[s][j]` predicts the j-th kept token of response s; a
+        response of an empty prompt has no prediction for its first token, as in the unshared forward).
+    """
+    if max_length is not None:
+        prompt_ids = prompt_ids[:max_length]
+        responses = [r[: max_length - len(prompt_ids)] for r in responses]
+    num_prompt = len(prompt_ids)
+    prefix = prompt_ids[:-1]  # the last prompt token opens every segment
+    opener = prompt_ids[-1:]
+    start = len(prefix)  # position id of the opener, P - 1 (0 for an empty prompt)
+    input_ids = list(prefix)
+    segment_ids = [PREFIX_SEGMENT] * len(prefix)
+    position_ids = list(range(len(prefix)))
+    pred_positions = []
+    for s, response in enumerate(responses, start=1):
+        offset = len(input_ids)
+        segment = opener + response
+        input_ids += segment
+        segment_ids += [s] * len(segment)
+        position_ids += range(start, start + len(segment))
+        # Token j of the response sits at offset + len(opener) + j and is predicted from the position before it
+        first = 0 if num_prompt else 1
+        pred_positions.append([offset + len(opener) + j - 1 for j in range(first, len(response))])
+    return input_ids, segment_ids, position_ids, pred_positions
 
 
 @dataclass
