@@ -36,7 +36,8 @@ def test_spec_reads_every_loss_field_of_the_config(tmp_path):
 
 
 def test_a_plain_trl_config_gets_the_defaults_of_the_new_fields(tmp_path):
-    spec = LossSpec.from_config(trl.DPOConfig(str(tmp_path), bf16=False, report_to="none"))
+    args = DPOConfig.from_trl_config(trl.DPOConfig(str(tmp_path), bf16=False, report_to="none"))
+    spec = LossSpec.from_config(args)
     assert (spec.reduction, spec.score_temperature, spec.loss_types) == ("mean", 1.0, ("sigmoid",))
 
 

@@ -10,6 +10,8 @@ At import, a TRL version outside `TESTED_TRL_VERSIONS` gives one warning naming 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from collections import defaultdict
 
@@ -70,9 +72,11 @@ ACCELERATE_CONFIGS_PACKAGE = "trl.accelerate_configs"
 # BibTeX, the tags); `trl_dpo_ext.DPOTrainer` gives `_name` and `_paper` as properties of its `rejected_reduction`
 MODEL_CARD_ATTRIBUTES = ("_name", "_paper", "_tag_names")
 
-# Relied on, not imported: TRL 1.16's `DPOTrainer.__init__` sets `self.padding_free = False`, with a warning, when
-# `args.padding_free` is True ("temporarily unavailable after a refactor"); `trl_dpo_ext.DPOTrainer` hides the field
-# from it during `super().__init__` and implements it.
+# Relied on, not imported: TRL 1.16's `DPOTrainer.__init__` sets `self.padding_free = False`, with a warning through
+# the `trl.trainer.dpo_trainer` logger, when `args.padding_free` is True ("temporarily unavailable after a refactor");
+# it reads the field nowhere else. `trl_dpo_ext.DPOTrainer` implements it and drops that one warning
+# (`trl_padding_free_warning_silenced`).
+TRL_PADDING_FREE_WARNING = "`padding_free=True` is temporarily unavailable"
 
 # The TRL versions the test suite has passed with (pyproject.toml pins the range `trl>=1.16,<2`)
 TESTED_TRL_VERSIONS = ("1.16",)
@@ -149,6 +153,21 @@ def multimodal_rope_index(model):
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(getattr(base, "model", None), "get_rope_index", None)
+
+
+@contextlib.contextmanager
+def trl_padding_free_warning_silenced():
+    """Drop TRL's warning that it turns `padding_free` off (`TRL_PADDING_FREE_WARNING`), and only that one."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return TRL_PADDING_FREE_WARNING not in record.getMessage()  # accelerate prefixes "[RANK i] "
+
+    trl_logger = logging.getLogger("trl.trainer.dpo_trainer")
+    trl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        trl_logger.removeFilter(keep)
 
 
 def check_trl_version(version: str | None = None) -> bool:

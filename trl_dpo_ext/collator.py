@@ -10,7 +10,9 @@ from transformers import ProcessorMixin
 
 from ._trl_compat import DataCollatorMixin, pad
 from .packing import pack_preference_batch
-from .rows import INDEX_COLUMN, rejected_ids_as_list, sequence_limit, truncation_slice
+from .packing.spec import PackingSpec
+from .packing.truncation import truncate
+from .rows import INDEX_COLUMN, rejected_ids_as_list
 
 
 def set_pad_token(args, processing_class):
@@ -93,37 +95,40 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
     padding_free: bool = False
     token_budget: int | None = None
 
+    def __post_init__(self):
+        # The packing rules of a config hold for a collator built by hand too
+        self.packing = PackingSpec(
+            self.prefix_sharing, self.padding_free, self.token_budget, self.max_length, self.truncation_mode
+        )
+
     @classmethod
-    def from_config(cls, args, processing_class) -> DataCollatorForMultiRejectedPreference:
-        """The collator a `DPOConfig` asks for, padding with the pad token TRL would (`set_pad_token`)."""
+    def from_config(cls, args, processing_class, packing: PackingSpec) -> DataCollatorForMultiRejectedPreference:
+        """The collator a `DPOConfig` and its `PackingSpec` ask for, padding with the pad token TRL would
+        (`set_pad_token`)."""
         tokenizer = set_pad_token(args, processing_class)
         return cls(
             pad_token_id=tokenizer.pad_token_id,
-            max_length=args.max_length,
-            truncation_mode=args.truncation_mode,
+            max_length=packing.max_length,
+            truncation_mode=packing.truncation_mode,
             pad_to_multiple_of=args.pad_to_multiple_of,
-            prefix_sharing=getattr(args, "prefix_sharing", False),
-            padding_free=args.padding_free,
-            token_budget=getattr(args, "token_budget", None),
+            prefix_sharing=packing.prefix_sharing,
+            padding_free=packing.padding_free,
+            token_budget=packing.token_budget,
         )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         rejected = [rejected_ids_as_list(example["rejected_ids"], i) for i, example in enumerate(examples)]
-        sequences, completion_masks = [], []
-        for example in examples:
-            sequences.append(example["prompt_ids"] + example["chosen_ids"])
-            completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(example["chosen_ids"]))
-        for example, rejected_ids in zip(examples, rejected, strict=True):
-            for ids in rejected_ids:
-                sequences.append(example["prompt_ids"] + ids)
-                completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(ids))
-
-        # `max_length`, and with `padding_free` the `token_budget`: every sequence then fits a packed row alone
-        max_length = sequence_limit(self.max_length, self.token_budget if self.padding_free else None)
-        if max_length is not None:
-            sl = truncation_slice(max_length, self.truncation_mode)
-            sequences = [ids[sl] for ids in sequences]
-            completion_masks = [m[sl] for m in completion_masks]
+        # Each prompt + response truncated once, here (with `padding_free`, to the `token_budget` too, so every
+        # sequence fits a packed row alone): the unshared rows and the packed blocks hold the same tokens
+        limit, mode = self.packing.length_limit, self.truncation_mode
+        truncated = [
+            [truncate(example["prompt_ids"], ids, limit, mode) for ids in (example["chosen_ids"], *rejected_ids)]
+            for example, rejected_ids in zip(examples, rejected, strict=True)
+        ]
+        # The unshared order: every chosen, then every rejected, example by example
+        pairs = [pairs[0] for pairs in truncated] + [pair for pairs in truncated for pair in pairs[1:]]
+        sequences = [prompt + response for prompt, response in pairs]
+        completion_masks = [[0] * len(prompt) + [1] * len(response) for prompt, response in pairs]
 
         def padded(rows: list[list[int]], value: int) -> torch.Tensor:
             tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
@@ -146,18 +151,13 @@ class DataCollatorForMultiRejectedPreference(DataCollatorMixin):
             output[INDEX_COLUMN] = torch.tensor([example[INDEX_COLUMN] for example in examples], dtype=torch.long)
         if self.prefix_sharing or self.padding_free:  # packed rows, forwarded instead of the unshared `input_ids`
             packed = pack_preference_batch(
-                examples,
-                rejected,
+                truncated,
                 sequences,
                 completion_masks,
                 self.pad_token_id,
                 output["completion_mask"].size(1),
-                prefix_sharing=self.prefix_sharing,
-                padding_free=self.padding_free,
-                max_length=max_length,
-                truncation_mode=self.truncation_mode,
-                token_budget=self.token_budget,
-                pad_to_multiple_of=self.pad_to_multiple_of,
+                self.packing,
+                self.pad_to_multiple_of,
             )
             output.update(packed)
         if "ref_chosen_logps" in examples[0]:

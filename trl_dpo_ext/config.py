@@ -13,6 +13,7 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 
 from .loss_spec import LossSpec
 from .losses import REJECTED_REDUCTIONS
+from .packing.spec import PackingSpec
 
 
 logger = logging.getLogger(__name__)
@@ -247,22 +248,23 @@ class DPOConfig(trl.DPOConfig):
             )
 
     def _check_packing(self) -> None:
-        if self.token_budget is not None and self.token_budget < 1:
-            raise ValueError(f"`token_budget` must be None or a positive number of tokens, got {self.token_budget}.")
+        PackingSpec.from_config(self)  # every packing rule raises there, at construction
         if self.token_budget is not None and not self.padding_free:
             warnings.warn(
                 f"`token_budget={self.token_budget}` is set but `padding_free=False`, so it is unused. Set "
                 "`padding_free=True` to pack the batch in rows of at most `token_budget` tokens.",
                 stacklevel=3,
             )
-        budget = self.token_budget if self.padding_free else None
-        if self.prefix_sharing and (self.max_length, budget) != (None, None) and self.truncation_mode == "keep_end":
-            cut_by = f"`max_length={self.max_length}`" + (f", `token_budget={budget}`" if budget else "")
-            raise ValueError(
-                f"`prefix_sharing=True` shares the prompt of every response, but `truncation_mode='keep_end'` (with "
-                f"{cut_by}) cuts a different part of the prompt for each response. Use "
-                "`truncation_mode='keep_start'`, no `max_length` nor `token_budget`, or `prefix_sharing=False`."
-            )
+
+    @classmethod
+    def from_trl_config(cls, args: trl.DPOConfig) -> DPOConfig:
+        """A plain `trl.DPOConfig` as ours, with the defaults of the new fields (as `trl.SFTTrainer` upgrades a
+        `TrainingArguments`); one of ours is returned as it is."""
+        if isinstance(args, cls):
+            return args
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
+        return cls(**dict_args)
 
     def __post_init__(self):
         self._default_bf16()

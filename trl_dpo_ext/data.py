@@ -21,6 +21,7 @@ from transformers import AutoProcessor
 from trl import extract_prompt
 
 from ._trl_compat import common_prefix_length, get_config_model_id, global_then_local_main_first, tokenize
+from .packing.spec import PackingSpec
 from .rows import (
     TEXT_COLUMNS,
     TOKENIZED_COLUMNS,
@@ -42,7 +43,6 @@ from .rows import (
     row_warnings,
     rows_filling_max_length,
     scores_order_warnings,
-    sequence_limit,
 )
 
 
@@ -150,16 +150,14 @@ def prepare_preference_dataset(
     dataset_name: str,
     loss_spec,
     vocab_size: int | None = None,
-    padding_free: bool | None = None,
+    packing: PackingSpec | None = None,
 ):
     """Validate and tokenize a preference dataset (the trainer's `_prepare_dataset`): every row checked, naming the
     row and the column (token ids against `vocab_size`, the rows of the model's input embedding, when given); text
     rows tokenized with each rejected after the same prompt; the rules on the number of rejected checked against
     `loss_spec`; rows that teach nothing counted in warnings naming the first; rows whose prompt fills `max_length`
-    (with `padding_free`, by default `args.padding_free`, the `token_budget` too) dropped, as TRL drops them (all of
-    them: an error)."""
-    padding_free = args.padding_free if padding_free is None else padding_free
-    max_length = sequence_limit(args.max_length, getattr(args, "token_budget", None) if padding_free else None)
+    (with `packing.padding_free`, the `token_budget` too) dropped, as TRL drops them (all of them: an error)."""
+    max_length = packing.length_limit if packing is not None else args.max_length
     if max_length == args.max_length:
         limit_name = f"`max_length={max_length}`"
     else:

@@ -60,18 +60,18 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, args) -> LossSpec:
-        """The spec of a `trl_dpo_ext.DPOConfig` (or a plain `trl.DPOConfig`, with the new fields' defaults)."""
+        """The spec of a `trl_dpo_ext.DPOConfig` (the trainer upgrades a plain `trl.DPOConfig` to one first)."""
         loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
         return cls(
             loss_types=tuple(loss_types),
             loss_weights=tuple(float(w) for w in (args.loss_weights or [1.0] * len(loss_types))),
-            reduction=getattr(args, "rejected_reduction", "mean"),
+            reduction=args.rejected_reduction,
             beta=args.beta,
             f_divergence_type=str(getattr(args.f_divergence_type, "value", args.f_divergence_type)),
             f_alpha_divergence_coef=args.f_alpha_divergence_coef,
             label_smoothing=args.label_smoothing,
             discopop_tau=args.discopop_tau,
-            score_temperature=getattr(args, "score_temperature", 1.0),
+            score_temperature=args.score_temperature,
             use_weighting=args.use_weighting,
             ld_alpha=args.ld_alpha,
         )

@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from .packing.truncation import truncate
+
 
 TEXT_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -147,24 +149,6 @@ def check_token_range(ids: list[int], idx: int, column: str, vocab_size: int | N
     )
 
 
-def sequence_limit(max_length: int | None, token_budget: int | None = None) -> int | None:
-    """The length every sequence is cut to: `max_length`, and the `token_budget` of padding-free rows (the smaller),
-    so that each sequence fits a packed row alone."""
-    limits = [limit for limit in (max_length, token_budget) if limit is not None]
-    return min(limits) if limits else None
-
-
-def truncation_slice(max_length: int | None, truncation_mode: str) -> slice:
-    """The part of a sequence (prompt + one response) that the collator keeps."""
-    if max_length is None:
-        return slice(None)
-    if truncation_mode == "keep_start":
-        return slice(None, max_length)
-    if truncation_mode == "keep_end":
-        return slice(-max_length, None)
-    raise ValueError(f"Unsupported truncation mode: {truncation_mode}, expected 'keep_start' or 'keep_end'")
-
-
 def num_identical_after_truncation(
     prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[list[int]], limits: RowLimits
 ) -> int:
@@ -172,10 +156,9 @@ def num_identical_after_truncation(
     truncated to `max_length`: such a pair has a zero margin, whatever the model."""
     if limits.max_length is None or (limits.truncation_mode == "keep_start" and len(prompt_ids) >= limits.max_length):
         return 0  # nothing truncated, or the row is dropped
-    sl = truncation_slice(limits.max_length, limits.truncation_mode)
 
     def truncated(ids: list[int]) -> tuple[list[int], list[int]]:
-        return (prompt_ids + ids)[sl], ([0] * len(prompt_ids) + [1] * len(ids))[sl]
+        return truncate(prompt_ids, ids, limits.max_length, limits.truncation_mode)
 
     chosen = truncated(chosen_ids)
     return sum(ids != chosen_ids and truncated(ids) == chosen for ids in rejected_ids)

@@ -24,6 +24,7 @@ from ._trl_compat import (
     metrics_of,
     tokenizer_of,
     total_train_tokens,
+    trl_padding_free_warning_silenced,
 )
 from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForMultiRejectedPreference, mirror_pad_token
@@ -50,6 +51,7 @@ from .packing import (
     check_packing_setup,
     prepare_packed_models,
 )
+from .packing.spec import PackingSpec
 from .rows import INDEX_COLUMN, check_ref_logps_columns, model_vocab_size
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
@@ -103,28 +105,34 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     ):
         if args is None:  # as TRL
             args = DPOConfig(f"{model_id(model).split('/')[-1]}-DPO")
+        args = DPOConfig.from_trl_config(args)  # once: every field is read from our config from here on
         check_distributed_launch(args)  # before any work: the SFT stage, the data, the models
         # Built (and validated) once; the loss and the gradient-weight diagnostics both use it
         self.loss_spec = LossSpec.from_config(args)
         self.rejected_reduction = self.loss_spec.reduction
+        self.packing_spec = PackingSpec.from_config(args)  # the collator, the data and the models read this one
 
         # Image rows are rendered and processed batch by batch, as TRL does (see `trl_dpo_ext.vision`)
         self._image_rows = isinstance(train_dataset, (Dataset, IterableDataset)) and is_image_row(
             next(iter(train_dataset))
         )
 
-        check_packing_setup(args, data_collator, self._image_rows)
+        check_packing_setup(self.packing_spec, data_collator, self._image_rows)
         builds_collator = data_collator is None
         if builds_collator:
             # The parent builds its pairwise collator when none is given; build the K-rejected one instead, which
             # needs the tokenizer's pad token, so load the processing class now as the parent would
             processing_class = processing_class or load_processing_class(model, args)
             if not self._image_rows:
-                data_collator = DataCollatorForMultiRejectedPreference.from_config(args, processing_class)
+                data_collator = DataCollatorForMultiRejectedPreference.from_config(
+                    args, processing_class, self.packing_spec
+                )
             elif isinstance(processing_class, ProcessorMixin):  # with a tokenizer, TRL raises its text-model error
-                data_collator = DataCollatorForMultiRejectedVisionPreference.from_config(args, processing_class)
+                data_collator = DataCollatorForMultiRejectedVisionPreference.from_config(
+                    args, processing_class, self.packing_spec
+                )
 
-        if getattr(args, "ref_init", None) is not None:
+        if args.ref_init is not None:
             # Seed § 3.4: with no π_SFT, fine-tune on (prompt, chosen) first; the saved result is both the policy's
             # start and, through `ref_model=None`, the reference (see `trl_dpo_ext.ref_init`)
             from .ref_init import init_from_sft_reference
@@ -135,15 +143,12 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
 
         # Every token id of the data must index a row of the model's input embedding (checked in `_prepare_dataset`)
         self._vocab_size = model_vocab_size(model, args)
-        prefix_sharing = getattr(args, "prefix_sharing", False)
-        self._packing = (prefix_sharing, args.padding_free)  # (prefix sharing, padding-free)
-        if any(self._packing):  # fail before the parent's precompute pass, for models given as instances
+        if self.packing_spec.packed:  # fail before the parent's precompute pass, for models given as instances
             for name, instance in (("model", model), ("ref_model", ref_model)):
                 if instance is not None and not isinstance(instance, str):
-                    check_model_supports_packing(instance, name, *self._packing)
+                    check_model_supports_packing(instance, name, self.packing_spec)
         self._precompute_num_rejected: int | None = None
-        padding_free, args.padding_free = args.padding_free, False  # TRL 1.16 would turn it off, with a warning
-        try:
+        with trl_padding_free_warning_silenced():  # TRL 1.16 turns `padding_free` off, with a warning; it works here
             super().__init__(
                 model=model,
                 ref_model=ref_model,
@@ -158,22 +163,20 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
-        finally:
-            args.padding_free = padding_free
-        self.padding_free = padding_free
+        self.padding_free = self.packing_spec.padding_free
         if builds_collator:  # as TRL when it builds the collator: the model agrees with the tokenizer's pad token
             mirror_pad_token(self.accelerator.unwrap_model(self.model), tokenizer_of(self).pad_token_id)
         self._setup_packed_forward()  # the models TRL loaded, and MoE router losses, known only now
         if self._image_rows:  # TRL leaves image rows unprepared: check them here
             models = {"model": self.model, "ref_model": self.ref_model}
             self.train_dataset = prepare_image_datasets(
-                self.train_dataset, self.eval_dataset, args, self.loss_spec, models, compute_metrics
+                self.train_dataset, self.eval_dataset, args, self.loss_spec, self.packing_spec, models, compute_metrics
             )
         self.grad_weight_diagnostics = GradWeightDiagnostics(
             self.loss_spec,
             self.args.report_to,
             self.args.output_dir,
-            record=getattr(self.args, "grad_weight_record", False),
+            record=self.args.grad_weight_record,
             callback_handler=self.callback_handler,
         )
         for callback in self.grad_weight_diagnostics.callbacks():
@@ -183,9 +186,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         eos_token, spec = tokenizer_of(self).eos_token, self.loss_spec
-        # `args.padding_free` is hidden from TRL's `__init__`, which runs this: pass the real value
         return prepare_preference_dataset(
-            dataset, processing_class, eos_token, args, dataset_name, spec, self._vocab_size, self._packing[1]
+            dataset, processing_class, eos_token, args, dataset_name, spec, self._vocab_size, self.packing_spec
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -220,9 +222,9 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
 
     def _setup_packed_forward(self) -> None:
         """Check the models for the packed forward and give SDPA ones the segment-wise kernel (idempotent)."""
-        if any(self._packing):
+        if self.packing_spec.packed:
             models = {"model": self.model, "ref_model": self.ref_model}
-            prepare_packed_models(models, *self._packing, self.aux_loss_enabled, self._image_rows)
+            prepare_packed_models(models, self.packing_spec, self.aux_loss_enabled, self._image_rows)
 
     def _per_token_logps(self, model, inputs, reference: bool):
         """Per-token log-probs of the batch under the policy, or under the reference (see `forward.py`)."""

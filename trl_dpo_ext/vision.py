@@ -36,6 +36,8 @@ from ._trl_compat import DataCollatorMixin, multimodal_rope_index
 from .collator import DataCollatorForMultiRejectedPreference, set_pad_token
 from .data import extract_prompt_multi
 from .packing import PAD_SEGMENT, pack_example
+from .packing.spec import PackingSpec
+from .packing.truncation import truncate
 from .rows import (
     INDEX_COLUMN,
     TEXT_COLUMNS,
@@ -178,13 +180,15 @@ def check_image_datasets(datasets: dict[str, Any], args, loss_spec) -> None:
             warnings.warn(identical_rejected_message(identical, identical_rows, name), stacklevel=3)
 
 
-def prepare_image_datasets(train_dataset, eval_dataset, args, loss_spec, models: dict, compute_metrics):
+def prepare_image_datasets(
+    train_dataset, eval_dataset, args, loss_spec, packing: PackingSpec, models: dict, compute_metrics
+):
     """The trainer's checks of image rows after TRL's `__init__` (which leaves them unprepared): every dataset's rows,
     and prefix sharing's support for the models; returns the training set with each row's index, which the
     gradient-weight record and the collator's errors (an image checked only when a batch renders it) name rows by."""
     eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
     check_image_datasets({"train": train_dataset, **eval_datasets}, args, loss_spec)
-    if getattr(args, "prefix_sharing", False):
+    if packing.prefix_sharing:
         check_image_prefix_sharing({k: m for k, m in models.items() if m is not None}, compute_metrics)
     return with_index_column(train_dataset)
 
@@ -219,7 +223,9 @@ class DataCollatorForMultiRejectedVisionPreference(DataCollatorMixin):
 
     Args:
         processor ([`~transformers.ProcessorMixin`]): processes the images and tokenizes the text.
-        max_length (`int`, *optional*): each sequence is truncated to this length (its end is cut, as in TRL).
+        max_length (`int`, *optional*): each sequence is truncated to this length.
+        truncation_mode (`str`, *optional*, defaults to `"keep_start"`): which end `max_length` keeps, as for text
+            rows (`trl.DPOTrainer` refuses `"keep_end"` with image rows: it could cut image tokens).
         pad_to_multiple_of (`int`, *optional*): not supported for image rows, as in TRL (raises).
         prefix_sharing (`bool`, *optional*, defaults to `False`): pack each example into one row.
     """
@@ -229,20 +235,25 @@ class DataCollatorForMultiRejectedVisionPreference(DataCollatorMixin):
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
     prefix_sharing: bool = False
+    truncation_mode: str = "keep_start"
 
     def __post_init__(self):
         if self.pad_to_multiple_of is not None:
             raise NotImplementedError(PAD_TO_MULTIPLE_OF_MESSAGE)
 
     @classmethod
-    def from_config(cls, args, processor: ProcessorMixin) -> DataCollatorForMultiRejectedVisionPreference:
-        """The collator a `DPOConfig` asks for (TRL's vision collator takes the same fields but `prefix_sharing`)."""
+    def from_config(
+        cls, args, processor: ProcessorMixin, packing: PackingSpec
+    ) -> DataCollatorForMultiRejectedVisionPreference:
+        """The collator a `DPOConfig` and its `PackingSpec` ask for (TRL's vision collator takes the same fields but
+        `prefix_sharing`)."""
         set_pad_token(args, processor)
         return cls(
             processor=processor,
-            max_length=args.max_length,
+            max_length=packing.max_length,
             pad_to_multiple_of=args.pad_to_multiple_of,
-            prefix_sharing=getattr(args, "prefix_sharing", False),
+            prefix_sharing=packing.prefix_sharing,
+            truncation_mode=packing.truncation_mode,
         )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,18 +302,23 @@ class DataCollatorForMultiRejectedVisionPreference(DataCollatorMixin):
         layout = DataCollatorForMultiRejectedPreference(
             pad_token_id=self.processor.tokenizer.pad_token_id,
             max_length=self.max_length,
+            truncation_mode=self.truncation_mode,
             prefix_sharing=self.prefix_sharing,
         )
         output = layout(token_examples)
         output.update({k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", *PER_TOKEN_KEYS)})
         for key, values in per_token.items():
+            # Cut as the tokens were (`layout` above): each prompt + response, by the same function
+            truncated = [
+                [truncate(prompt, response, self.max_length, self.truncation_mode) for response in responses]
+                for prompt, responses in values
+            ]
             if self.prefix_sharing:
-                packed = [pack_example(prompt, responses, self.max_length)[0] for prompt, responses in values]
+                packed = [pack_example(pairs[0][0], [r for _, r in pairs])[0] for pairs in truncated]
                 output[PACKED_PREFIX + key] = _right_padded(packed, output["packed_input_ids"].size(1))
             else:  # the unshared order: every chosen, then every rejected, example by example
-                sequences = [prompt + responses[0] for prompt, responses in values]
-                sequences += [prompt + response for prompt, responses in values for response in responses[1:]]
-                sequences = [s[: self.max_length] if self.max_length is not None else s for s in sequences]
+                pairs = [pairs[0] for pairs in truncated] + [pair for pairs in truncated for pair in pairs[1:]]
+                sequences = [prompt + response for prompt, response in pairs]
                 output[key] = _right_padded(sequences, output["input_ids"].size(1))
         return output
 

@@ -3,6 +3,8 @@ end to end), one concern a module, read from the config once as a `PackingSpec`.
 
 | module | concern |
 |---|---|
+| `spec.py` | `PackingSpec`: what to pack and the length limits, built once from the config; the packing rules |
+| `truncation.py` | the one truncation of a prompt + response to the length limit (`truncation_mode`) |
 | `layout.py` | blocks (a sequence, or an example's shared prompt and segments), best-fit rows, `unpack_index` |
 | `masks.py` | the mask of packed rows: dense 4D, FlexAttention `BlockMask`, varlen flash boundaries |
 | `attention.py` | segment-wise SDPA, registered with transformers as `SEGMENT_SDPA` |
@@ -19,31 +21,46 @@ What each attention implementation runs (see docs/prefix_sharing.md for the meas
 | `"flash_attention_2"`/`"_3"` | varlen flash attention over `cu_seq_lens` (padding-free without prefix sharing only) |
 """
 
-from .attention import SEGMENT_SDPA, register_segment_sdpa, segment_attention, segment_sdpa_attention
-from .inputs import packed_model_inputs, unpack, unpack_outputs
-from .layout import PAD_DOCUMENT, PAD_SEGMENT, PREFIX_SEGMENT, pack_example, pack_preference_batch
-from .masks import dense_attention_mask, flex_block_mask, varlen_kwargs
-from .models import attn_implementation, check_model_supports_packing, check_packing_setup, prepare_packed_models
+import importlib
 
 
-__all__ = [
-    "PAD_DOCUMENT",
-    "PAD_SEGMENT",
-    "PREFIX_SEGMENT",
-    "SEGMENT_SDPA",
-    "attn_implementation",
-    "check_model_supports_packing",
-    "check_packing_setup",
-    "dense_attention_mask",
-    "flex_block_mask",
-    "pack_example",
-    "pack_preference_batch",
-    "packed_model_inputs",
-    "prepare_packed_models",
-    "register_segment_sdpa",
-    "segment_attention",
-    "segment_sdpa_attention",
-    "unpack",
-    "unpack_outputs",
-    "varlen_kwargs",
-]
+# Name -> module that defines it, loaded on first access (as the package's own `__init__`), so that the row checks
+# importing `truncation` do not import torch and transformers
+_LAZY = {
+    "SEGMENT_SDPA": ".attention",
+    "register_segment_sdpa": ".attention",
+    "segment_attention": ".attention",
+    "segment_sdpa_attention": ".attention",
+    "packed_model_inputs": ".inputs",
+    "unpack": ".inputs",
+    "unpack_outputs": ".inputs",
+    "PAD_DOCUMENT": ".layout",
+    "PAD_SEGMENT": ".layout",
+    "PREFIX_SEGMENT": ".layout",
+    "pack_example": ".layout",
+    "pack_preference_batch": ".layout",
+    "dense_attention_mask": ".masks",
+    "flex_block_mask": ".masks",
+    "varlen_kwargs": ".masks",
+    "attn_implementation": ".models",
+    "check_model_supports_packing": ".models",
+    "check_packing_setup": ".models",
+    "prepare_packed_models": ".models",
+    "PackingSpec": ".spec",
+    "sequence_limit": ".truncation",
+    "truncate": ".truncation",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later accesses skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

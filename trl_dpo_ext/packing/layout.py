@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._trl_compat import pad
+from .spec import PackingSpec
 
 
 PAD_SEGMENT = -1
@@ -41,21 +42,15 @@ PAD_DOCUMENT = -1
 
 
 def pack_example(
-    prompt_ids: list[int], responses: list[list[int]], max_length: int | None = None
+    prompt_ids: list[int], responses: list[list[int]]
 ) -> tuple[list[int], list[int], list[int], list[list[int]]]:
-    """Pack one prompt and its responses (chosen first) into one row.
-
-    `max_length` truncates each prompt + response as the unshared collator does with `truncation_mode="keep_start"`:
-    the prompt first, then each response to what is left.
+    """Pack one prompt and its responses (chosen first, each already truncated with the prompt) into one row.
 
     Returns:
         `input_ids`, `segment_ids`, `position_ids` (each a list of length L_row), and for each response the packed
         positions that predict its tokens (`pred_positions[s][j]` predicts the j-th kept token of response s; a
         response of an empty prompt has no prediction for its first token, as in the unshared forward).
     """
-    if max_length is not None:
-        prompt_ids = prompt_ids[:max_length]
-        responses = [r[: max_length - len(prompt_ids)] for r in responses]
     num_prompt = len(prompt_ids)
     prefix = prompt_ids[:-1]  # the last prompt token opens every segment
     opener = prompt_ids[-1:]
@@ -106,28 +101,16 @@ def sequence_block(row: int, input_ids: list[int], completion_mask: list[int]) -
     )
 
 
-def truncated_lengths(num_prompt: int, response_lengths: list[int], max_length: int | None) -> tuple[int, list[int]]:
-    """Prompt and response lengths after `keep_start` truncation of each prompt + response to `max_length`."""
-    if max_length is None:
-        return num_prompt, list(response_lengths)
-    kept_prompt = min(num_prompt, max_length)
-    return kept_prompt, [min(n, max_length - kept_prompt) for n in response_lengths]
-
-
 def shared_blocks(
-    prompt_ids: list[int],
-    responses: list[list[int]],
-    rows: list[int],
-    max_length: int | None = None,
-    token_budget: int | None = None,
+    prompt_ids: list[int], responses: list[list[int]], rows: list[int], token_budget: int | None = None
 ) -> list[Block]:
     """One example (prompt, then its responses, chosen first, whose unshared rows are `rows`) as shared blocks.
 
     One block, unless it would exceed `token_budget`: then the responses are split, in order, into as few groups as
-    fit, each block repeating the prompt (each prompt + response fits alone, as `token_budget` truncates like
-    `max_length`).
+    fit, each block repeating the prompt (each prompt + response fits alone: `truncation.truncate` cut it to the
+    `token_budget` too).
     """
-    num_prompt, lengths = truncated_lengths(len(prompt_ids), [len(r) for r in responses], max_length)
+    num_prompt, lengths = len(prompt_ids), [len(r) for r in responses]
     prefix = max(num_prompt - 1, 0)
     opener = 1 if num_prompt else 0
     groups: list[list[int]] = [[]]
@@ -143,9 +126,7 @@ def shared_blocks(
     first_column = num_prompt - 1 if num_prompt else 0
     blocks = []
     for group in groups:
-        input_ids, segment_ids, position_ids, pred_positions = pack_example(
-            prompt_ids, [responses[s] for s in group], max_length
-        )
+        input_ids, segment_ids, position_ids, pred_positions = pack_example(prompt_ids, [responses[s] for s in group])
         label_mask = [0] * len(input_ids)
         for positions in pred_positions:
             for p in positions:
@@ -242,59 +223,41 @@ def pack_blocks(
 
 
 def pack_preference_batch(
-    examples: list[dict],
-    rejected: list[list[list[int]]],
+    truncated: list[list[tuple[list[int], list[int]]]],
     sequences: list[list[int]],
     completion_masks: list[list[int]],
     pad_token_id: int,
     unshared_length: int,
-    prefix_sharing: bool,
-    padding_free: bool,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    token_budget: int | None = None,
+    packing: PackingSpec,
     pad_to_multiple_of: int | None = None,
 ) -> dict:
     """The packed keys of a collated batch (see `pack_blocks`).
 
     Args:
-        examples: rows with `"prompt_ids"` and `"chosen_ids"`; `rejected`: the K_i rejected token lists of each.
+        truncated: for each example, the (prompt, response) pair of each of its responses, chosen first, as
+            `truncation.truncate` kept them; `packing.prefix_sharing` needs the same prompt in every pair, which
+            `PackingSpec` ensures (it refuses `truncation_mode="keep_end"` with a length limit).
         sequences, completion_masks: the unshared sequences (the B chosen, then every rejected, example by example)
-            and their completion masks, already truncated as the unshared collator truncates them.
+            and their completion masks, made of the same pairs.
         unshared_length: L_u, the padded length of the unshared batch whose layout `unpack_index` targets.
-        prefix_sharing: a block is an example (its prompt once), else a sequence.
-        padding_free: blocks laid end to end (in rows of at most `token_budget` tokens), else one block per row.
-        max_length, truncation_mode: as in the unshared collator; the blocks hold exactly the tokens it keeps.
-            With prefix sharing, `"keep_end"` would cut each response's prompt differently, so it raises when it
-            would cut anything.
+        packing: a block is an example (its prompt once) with `prefix_sharing`, else a sequence; blocks are laid
+            end to end (in rows of at most `token_budget` tokens) with `padding_free`, else one per row.
     """
-    if prefix_sharing:
-        num_examples = len(examples)
-        first_rejected_row = num_examples
+    token_budget = packing.token_budget if packing.padding_free else None
+    if packing.prefix_sharing:
+        first_rejected_row = len(truncated)
         blocks = []
-        for i, (example, rejected_ids) in enumerate(zip(examples, rejected, strict=True)):
-            responses = [example["chosen_ids"], *rejected_ids]
-            if truncation_mode == "keep_end" and max_length is not None:
-                longest = len(example["prompt_ids"]) + max(len(r) for r in responses)
-                if longest > max_length:
-                    raise ValueError(
-                        f"Example {i} has a sequence of {longest} tokens, over `max_length={max_length}`: with "
-                        "`truncation_mode='keep_end'` each response would keep a different part of the prompt, which "
-                        "then cannot be shared. Use `truncation_mode='keep_start'`, a larger `max_length`, or "
-                        "`prefix_sharing=False`."
-                    )
-            rows = [i, *range(first_rejected_row, first_rejected_row + len(rejected_ids))]
-            first_rejected_row += len(rejected_ids)
-            cut = max_length if truncation_mode == "keep_start" else None
-            blocks += shared_blocks(
-                example["prompt_ids"], responses, rows, cut, token_budget if padding_free else None
-            )
+        for i, pairs in enumerate(truncated):
+            num_rejected = len(pairs) - 1
+            rows = [i, *range(first_rejected_row, first_rejected_row + num_rejected)]
+            first_rejected_row += num_rejected
+            blocks += shared_blocks(pairs[0][0], [response for _, response in pairs], rows, token_budget)
     else:
         blocks = [
             sequence_block(r, ids, m) for r, (ids, m) in enumerate(zip(sequences, completion_masks, strict=True))
         ]
 
-    if padding_free:
+    if packing.padding_free:
         rows = best_fit_rows([len(block) for block in blocks], token_budget)
     else:
         rows = [[b] for b in range(len(blocks))]

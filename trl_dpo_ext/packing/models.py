@@ -8,6 +8,7 @@ import torch
 
 from .._trl_compat import attn_implementation as config_attn_implementation
 from .attention import SEGMENT_SDPA, register_segment_sdpa
+from .spec import PackingSpec
 
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")  # take a custom 4D mask
@@ -25,12 +26,14 @@ def attn_implementation(model) -> str | None:
 
 
 def check_model_supports_packing(
-    model, name: str = "model", prefix_sharing: bool = True, padding_free: bool = False, aux_loss_enabled: bool = False
+    model, name: str = "model", packing: PackingSpec | None = None, aux_loss_enabled: bool = False
 ) -> None:
     """Raise if `model` (a `PreTrainedModel` or a PEFT model around one) cannot run the packed forward exactly, or
     if a Mixture-of-Experts router loss is on (it reads a 2D attention mask)."""
     from accelerate.utils import is_peft_model
 
+    packing = packing or PackingSpec(prefix_sharing=True)
+    prefix_sharing, padding_free = packing.prefix_sharing, packing.padding_free
     feature = " and ".join(
         f for f, on in (("`prefix_sharing=True`", prefix_sharing), ("`padding_free=True`", padding_free)) if on
     )
@@ -97,10 +100,10 @@ def use_segment_sdpa(model) -> None:
     base.set_attn_implementation(SEGMENT_SDPA)
 
 
-def check_packing_setup(args, data_collator, image_rows: bool) -> None:
+def check_packing_setup(packing: PackingSpec, data_collator, image_rows: bool) -> None:
     """Raise, before any work, for a run that could not pack: a given collator that does not pack what
     `prefix_sharing` or `padding_free` asks for, or `padding_free` with image rows."""
-    if getattr(args, "prefix_sharing", False) and data_collator is not None:
+    if packing.prefix_sharing and data_collator is not None:
         if not getattr(data_collator, "prefix_sharing", False):
             raise ValueError(
                 f"`prefix_sharing=True` needs a collator that packs each example's prompt once, but the given "
@@ -108,7 +111,7 @@ def check_packing_setup(args, data_collator, image_rows: bool) -> None:
                 "the default one, pass `DataCollatorForMultiRejectedPreference(..., prefix_sharing=True)`, or set "
                 "`prefix_sharing=False`."
             )
-    if not args.padding_free:
+    if not packing.padding_free:
         return
     if data_collator is not None and not getattr(data_collator, "padding_free", False):
         raise ValueError(
@@ -125,14 +128,14 @@ def check_packing_setup(args, data_collator, image_rows: bool) -> None:
 
 
 def prepare_packed_models(
-    models: dict[str, Any], prefix_sharing: bool, padding_free: bool, aux_loss_enabled: bool, image_rows: bool
+    models: dict[str, Any], packing: PackingSpec, aux_loss_enabled: bool, image_rows: bool
 ) -> None:
     """Check every model (None skipped) for the packed forward, the policy's router loss too, and switch SDPA text
     models to the segment-wise kernel. Image rows keep the dense mask: a vision-language model's vision tower shares
     the attention setting, and the segment-wise kernel failed the LLaVA packed-forward test."""
     models = {name: model for name, model in models.items() if model is not None}
     for name, model in models.items():
-        check_model_supports_packing(model, name, prefix_sharing, padding_free, aux_loss_enabled and name == "model")
+        check_model_supports_packing(model, name, packing, aux_loss_enabled and name == "model")
     if not image_rows:
         for model in models.values():
             use_segment_sdpa(model)
