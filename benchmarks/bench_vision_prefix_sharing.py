@@ -1,7 +1,7 @@
 """Image rows: vision-encoder passes and step time of stock TRL on pairs, this trainer unshared, and with prefix sharing.
 
 Three arms train, in one process and in turn, a fresh tiny Qwen2.5-VL (or LLaVA) built from a config
-(`trl_dpo_ext.quickstart.toy_vision`, random weights, fp32) on the same rows of one image, one chosen and K rejected, with the
+(`tests/toy_vision.py`, random weights, fp32) on the same rows of one image, one chosen and K rejected, with the
 same number of prompts per optimizer step: stock `trl.DPOTrainer` on the rows expanded to K pairs, this trainer on
 the rows as they are, and this trainer with `prefix_sharing=True`. A forward hook on the vision encoders of the policy
 and of the reference counts the images they encode; the step times (median of the timed steps, then of the repeats)
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
+from pathlib import Path
 
 import bench_k_rejected as common
 import torch
@@ -26,7 +28,11 @@ from transformers import PrinterCallback
 
 import trl_dpo_ext
 from trl_dpo_ext.quickstart import cpu_training_args
-from trl_dpo_ext.quickstart.toy_vision import tiny_vlm, tiny_vlm_processor, toy_image, vision_tower
+
+
+# The tiny vision-language models are test fixtures (tests/toy_vision.py), not part of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from toy_vision import tiny_vlm, tiny_vlm_processor, toy_image, vision_tower  # noqa: E402
 
 
 ARMS = ("trl.DPOTrainer, K pairs", "trl_dpo_ext, 1 + K", "trl_dpo_ext, 1 + K, prefix_sharing")

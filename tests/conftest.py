@@ -53,6 +53,54 @@ def make_args(tmp_path, **kwargs):
     return DPOConfig(**{**defaults, **kwargs})
 
 
+def packing_trainer(
+    tokenizer,
+    tmp_path,
+    name: str,
+    rows: list[dict],
+    arch="llama",
+    ref=True,
+    model_kwargs=None,
+    peft_config=None,
+    **config,
+):
+    """A trainer on fresh seeded models over `rows` (one batch of 6 by default); `config` (the packing fields too) goes
+    to `make_args`, `model_kwargs` builds the pair with other config values (e.g. the attention implementation)."""
+    from datasets import Dataset
+
+    from trl_dpo_ext import DPOTrainer
+
+    policy, ref_model = policy_and_ref(tokenizer, arch=arch)
+    if model_kwargs:
+        ref_model = tiny_causal_lm(len(tokenizer), arch=arch, **model_kwargs)
+        policy = tiny_causal_lm(len(tokenizer), arch=arch, **model_kwargs)
+        policy.load_state_dict(policy_and_ref(tokenizer, arch=arch)[0].state_dict())
+    config.setdefault("per_device_train_batch_size", 6)
+    return DPOTrainer(
+        model=policy,
+        ref_model=ref_model if ref else None,
+        args=make_args(tmp_path / name, **config),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def assert_same_step(tokenizer, tmp_path, packing: dict, rows: list[dict], **kwargs):
+    """Loss, gradients and every logged metric of one step: packed (`packing`) against the padded unshared forward.
+    `kwargs` go to `packing_trainer` for both."""
+    unpacked = packing_trainer(tokenizer, tmp_path, "unpacked", rows, **kwargs)
+    packed = packing_trainer(tokenizer, tmp_path, "packed", rows, **packing, **kwargs)
+    expected_loss, expected_grads = loss_and_grads(unpacked)
+    loss, grads = loss_and_grads(packed)
+    assert expected_loss.item() != pytest.approx(0.6931471, abs=1e-4), "the policy must differ from the reference"
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert_grads_close(grads, expected_grads, atol=1e-5)
+    for key, values in unpacked._metrics["train"].items():
+        assert packed._metrics["train"][key][-1] == pytest.approx(values[-1], rel=1e-4, abs=1e-5), key
+    return packed
+
+
 def batch_of(trainer):
     """One collated batch of all the trainer's prepared training rows, on its device."""
     dataset = trainer.train_dataset

@@ -1,10 +1,17 @@
 """`padding_free=True`: the batch laid end to end in packed rows gives the log-probs, loss, gradients and metrics of
-the padded forward, with and without prefix sharing; the segment-wise attention equals the dense-mask attention."""
+the padded forward, with and without prefix sharing (the layout and attention themselves: test_packing.py)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import assert_grads_close, batch_of, loss_and_grads, make_args, policy_and_ref, sequence_logps
+from conftest import (
+    assert_same_step,
+    batch_of,
+    loss_and_grads,
+    make_args,
+    packing_trainer,
+    policy_and_ref,
+    sequence_logps,
+)
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -12,7 +19,7 @@ from trl_dpo_ext import DPOConfig, DPOTrainer
 from trl_dpo_ext.collator import DataCollatorForMultiRejectedPreference
 from trl_dpo_ext.forward import sequence_logps as forward_sequence_logps
 from trl_dpo_ext.losses import REJECTED_REDUCTIONS
-from trl_dpo_ext.packing import SEGMENT_SDPA, dense_attention_mask, packed_model_inputs, segment_attention
+from trl_dpo_ext.packing import SEGMENT_SDPA
 from trl_dpo_ext.quickstart import tiny_causal_lm
 
 
@@ -40,35 +47,6 @@ def rows(scores: bool = False) -> list[dict]:
     return out
 
 
-def trainer(tokenizer, tmp_path, name: str, arch="llama", data=None, ref=True, peft_config=None, **config):
-    policy, ref_model = policy_and_ref(tokenizer, arch=arch)
-    config.setdefault("per_device_train_batch_size", 6)
-    return DPOTrainer(
-        model=policy,
-        ref_model=ref_model if ref else None,
-        args=make_args(tmp_path / name, **config),
-        train_dataset=Dataset.from_list(data or rows()),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-
-
-def assert_same_step(
-    tokenizer, tmp_path, packing: dict, arch="llama", data=None, ref=True, peft_config=None, **config
-):
-    """Loss, gradients and every logged metric of one step: packed (`packing`) against the padded forward."""
-    padded = trainer(tokenizer, tmp_path, "padded", arch, data, ref, peft_config, **config)
-    packed = trainer(tokenizer, tmp_path, "packed", arch, data, ref, peft_config, **packing, **config)
-    expected_loss, expected_grads = loss_and_grads(padded)
-    loss, grads = loss_and_grads(packed)
-    assert expected_loss.item() != pytest.approx(0.6931471, abs=1e-4), "the policy must differ from the reference"
-    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
-    assert_grads_close(grads, expected_grads, atol=1e-5)
-    for key, values in padded._metrics["train"].items():
-        assert packed._metrics["train"][key][-1] == pytest.approx(values[-1], rel=1e-4, abs=1e-5), key
-    return packed
-
-
 PADDING_FREE = {"padding_free": True}
 PADDING_FREE_SHARED = {"padding_free": True, "prefix_sharing": True}
 BUDGETED = {"padding_free": True, "token_budget": 48}
@@ -76,173 +54,13 @@ BUDGETED_SHARED = {"padding_free": True, "prefix_sharing": True, "token_budget":
 PACKINGS = {"padding_free": PADDING_FREE, "padding_free_shared": PADDING_FREE_SHARED}
 
 
-# ------------------------------------------------------------ collator
-
-
-def test_collator_lays_sequences_end_to_end_with_restarting_positions():
-    collator = DataCollatorForMultiRejectedPreference(pad_token_id=0, padding_free=True)
-    batch = collator(
-        [
-            {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [[4, 5]]},
-            {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [[9]]},
-        ]
-    )
-    # Unshared order: chosen 0 [1 2 3], chosen 1 [6 7 8], rejected of 0 [1 2 4 5], rejected of 1 [6 9]; no padding
-    assert batch["packed_input_ids"].tolist() == [[1, 2, 3, 6, 7, 8, 1, 2, 4, 5, 6, 9]]
-    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
-    assert batch["packed_document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3]]
-    assert batch["packed_completion_mask"].tolist() == [[0, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1]]
-    assert batch["packed_spans"] == [(0, 0, 0, 0, 3), (0, 3, 3, 3, 6), (0, 6, 6, 6, 10), (0, 10, 10, 10, 12)]
-    # Unshared per-token column c of a sequence is predicted at its packed start + c
-    assert batch["unpack_index"][2].tolist() == [6, 7, 8]  # rejected [1 2 4 5]: predictions of 2, 4, 5
-    assert batch["unpack_index"][3, :1].tolist() == [10]  # rejected [6 9]: 9 predicted from 6 at 10
-
-    mask = dense_attention_mask(batch["packed_segment_ids"], batch["packed_document_ids"])[0, 0]
-    assert mask[4].tolist() == [False] * 3 + [True, True] + [False] * 7  # "7" sees 6 and itself only
-
-
-def test_collator_shares_prompts_and_lays_examples_end_to_end():
-    collator = DataCollatorForMultiRejectedPreference(pad_token_id=0, prefix_sharing=True, padding_free=True)
-    batch = collator(
-        [
-            {"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [[5, 6]]},
-            {"prompt_ids": [7], "chosen_ids": [8], "rejected_ids": [[9]]},
-        ]
-    )
-    # Example 0: prefix [1 2], segments [3 4] and [3 5 6]; example 1: no prefix, segments [7 8] and [7 9]
-    assert batch["packed_input_ids"].tolist() == [[1, 2, 3, 4, 3, 5, 6, 7, 8, 7, 9]]
-    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 0, 1]]
-    assert batch["packed_segment_ids"].tolist() == [[0, 0, 1, 1, 2, 2, 2, 1, 1, 2, 2]]
-    assert batch["packed_document_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]]
-    assert batch["packed_spans"] == [
-        (0, 0, 0, 0, 2),
-        (0, 0, 2, 2, 4),
-        (0, 0, 2, 4, 7),
-        (0, 7, 7, 7, 9),
-        (0, 7, 7, 9, 11),
-    ]
-    mask = dense_attention_mask(batch["packed_segment_ids"], batch["packed_document_ids"])[0, 0]
-    assert mask[10].tolist() == [False] * 9 + [True, True]  # "9" of example 1 sees its opener and itself
-    assert mask[5].tolist() == [True, True, False, False, True, True] + [False] * 5  # "5" sees 1 2 and 3 5
-
-
-def test_token_budget_splits_rows_and_keeps_every_example():
-    examples = [
-        {"prompt_ids": list(range(1, 1 + p)), "chosen_ids": [50] * c, "rejected_ids": [[60] * r for r in rejected]}
-        for p, c, rejected in [(5, 3, [2, 7]), (2, 9, [1]), (8, 1, [4, 4, 4]), (1, 2, [3])]
-    ]
-    for prefix_sharing, budget in ((False, 11), (True, 14)):
-        padded = DataCollatorForMultiRejectedPreference(pad_token_id=0, max_length=budget)(examples)
-        collator = DataCollatorForMultiRejectedPreference(
-            pad_token_id=0, prefix_sharing=prefix_sharing, padding_free=True, token_budget=budget
-        )
-        batch = collator(examples)
-        lengths = (batch["packed_document_ids"] >= 0).sum(1)
-        assert batch["packed_input_ids"].size(0) > 1 and (lengths <= budget).all()
-        # Every scored token of every sequence is predicted somewhere, by a token of its own sequence
-        gathered = batch["packed_input_ids"][:, 1:].reshape(-1)[batch["unpack_index"]]
-        mask = padded["completion_mask"][:, 1:].bool()
-        assert torch.equal(gathered[mask], padded["input_ids"][:, 1:][mask])
-        assert int(batch["packed_completion_mask"].sum()) == int(mask.sum())
-
-
-def test_shared_example_over_the_budget_is_split_with_its_prompt_repeated():
-    collator = DataCollatorForMultiRejectedPreference(
-        pad_token_id=0, prefix_sharing=True, padding_free=True, token_budget=8
-    )
-    batch = collator([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 4], "rejected_ids": [[5, 5], [6, 6, 6]]}])
-    # [1 2 | 3 4 4 | 3 5 5] is 8 tokens; the third response goes to a second block repeating the prompt
-    assert batch["packed_input_ids"].tolist() == [[1, 2, 3, 4, 4, 3, 5, 5], [1, 2, 3, 6, 6, 6, 0, 0]]
-    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 0]]
-
-
-def test_sequence_over_the_budget_is_truncated_as_max_length_truncates():
-    examples = [
-        {"prompt_ids": [1, 2, 3, 4], "chosen_ids": [5, 6, 7, 8, 9], "rejected_ids": [[10, 11, 12, 13]]},
-        {"prompt_ids": [14], "chosen_ids": [15], "rejected_ids": [[16, 17]]},
-    ]
-    for mode in ("keep_start", "keep_end"):
-        by_length = DataCollatorForMultiRejectedPreference(pad_token_id=0, max_length=6, truncation_mode=mode)
-        by_budget = DataCollatorForMultiRejectedPreference(
-            pad_token_id=0, padding_free=True, token_budget=6, truncation_mode=mode
-        )
-        expected, batch = by_length(examples), by_budget(examples)
-        for key in ("input_ids", "completion_mask", "attention_mask"):
-            assert torch.equal(batch[key], expected[key]), (mode, key)
-        assert (batch["packed_document_ids"] >= 0).sum(1).max() <= 6
-        gathered = batch["packed_input_ids"][:, 1:].reshape(-1)[batch["unpack_index"]]
-        mask = expected["completion_mask"][:, 1:].bool()
-        assert torch.equal(gathered[mask], expected["input_ids"][:, 1:][mask])
-
-
 # ------------------------------------------------------------ attention
-
-
-def random_spans(lengths: list[list[tuple[int, list[int]]]]):
-    """Spans of rows of blocks (prefix length, segment lengths), and the matching segment / document ids."""
-    spans, segment_rows, document_rows = [], [], []
-    document = 0
-    width = max(sum(p + sum(s) for p, s in row) for row in lengths) + 3  # room for padding
-    for r, row in enumerate(lengths):
-        segments, documents, offset = [], [], 0
-        for prefix, segs in row:
-            if prefix:
-                spans.append((r, offset, offset, offset, offset + prefix))
-            for s, n in enumerate(segs, start=1):
-                start = offset + prefix + sum(segs[: s - 1])
-                spans.append((r, offset, offset + prefix, start, start + n))
-            segments += [0] * prefix + [s for s, n in enumerate(segs, start=1) for _ in range(n)]
-            documents += [document] * (prefix + sum(segs))
-            offset += prefix + sum(segs)
-            document += 1
-        segment_rows.append(segments + [-1] * (width - offset))
-        document_rows.append(documents + [-1] * (width - offset))
-    return spans, torch.tensor(segment_rows), torch.tensor(document_rows)
-
-
-def test_segment_attention_equals_dense_mask_attention_and_its_gradients():
-    # Row 0: a shared block (prefix 5, segments 3, 6, 1) then an unshared one (7); row 1: an empty prefix, then 2 + 4
-    spans, segment_ids, document_ids = random_spans([[(5, [3, 6, 1]), (0, [7])], [(0, [2, 4]), (4, [5])]])
-    generator = torch.Generator().manual_seed(0)
-    num_rows, length = segment_ids.shape
-    query = torch.randn(num_rows, 4, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(num_rows, 2, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-    value = torch.randn(num_rows, 2, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(num_rows, 4, length, 8, generator=generator, dtype=torch.float64)
-    real = (document_ids >= 0)[:, None, :, None]
-
-    mask = dense_attention_mask(segment_ids, document_ids)
-    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True) * real
-    expected_grads = torch.autograd.grad((expected * weights).sum(), (query, key, value))
-    out = segment_attention(query, key, value, spans)
-    grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
-    torch.testing.assert_close(out, expected)
-    assert out[~real.expand_as(out)].abs().max() == 0  # padding positions get no attention output
-    for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
-
-
-def test_varlen_flash_inputs_separate_every_sequence_and_the_row_padding():
-    collator = DataCollatorForMultiRejectedPreference(pad_token_id=0, padding_free=True, token_budget=6)
-    batch = collator(
-        [
-            {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [[4, 5]]},
-            {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [[9]]},
-        ]
-    )
-    # Best-fit decreasing: [1 2 4 5 | 6 9] and [1 2 3 | 6 7 8], rows of 6
-    assert batch["packed_input_ids"].tolist() == [[1, 2, 4, 5, 6, 9], [1, 2, 3, 6, 7, 8]]
-    kwargs, labels = packed_model_inputs(batch, "flash_attention_2")
-    assert kwargs["attention_mask"] is None
-    assert kwargs["cu_seq_lens_q"].tolist() == [0, 4, 6, 9, 12]  # the N × L tokens read as one sequence
-    assert kwargs["max_length_q"] == 4 and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
-    assert labels.tolist() == [[-100, -100, 4, 5, -100, 9], [-100, -100, 3, -100, 7, 8]]
 
 
 @pytest.mark.parametrize("name", list(PACKINGS))
 def test_segment_sdpa_model_equals_dense_mask_model(tokenizer, tmp_path, name):
     """The whole packed forward, with the segment-wise kernel and with transformers' SDPA on the dense 4D mask."""
-    packed = trainer(tokenizer, tmp_path, name, **PACKINGS[name])
+    packed = packing_trainer(tokenizer, tmp_path, name, rows(), **PACKINGS[name])
     assert packed.model.config._attn_implementation == SEGMENT_SDPA
     batch = batch_of(packed)
     with torch.no_grad():
@@ -260,7 +78,7 @@ def test_segment_sdpa_model_equals_dense_mask_model(tokenizer, tmp_path, name):
 @pytest.mark.parametrize("name", [*PACKINGS, "budgeted", "budgeted_shared"])
 def test_packed_sequence_logps_match_a_plain_forward(tokenizer, tmp_path, arch, name):
     packing = {**PACKINGS, "budgeted": BUDGETED, "budgeted_shared": BUDGETED_SHARED}[name]
-    packed = trainer(tokenizer, tmp_path, name, arch=arch, **packing)
+    packed = packing_trainer(tokenizer, tmp_path, name, rows(), arch=arch, **packing)
     policy = policy_and_ref(tokenizer, arch=arch)[0]
     batch = batch_of(packed)
     if "token_budget" in packing:  # several rows, each within the budget
@@ -296,19 +114,19 @@ OTHER_CONFIGS = {
 @pytest.mark.parametrize("packing", list(PACKINGS))
 def test_padding_free_step_matches_padded_llama(tokenizer, tmp_path, packing, name):
     config = {**REDUCTION_CONFIGS, **OTHER_CONFIGS}[name]
-    assert_same_step(tokenizer, tmp_path, PACKINGS[packing], data=rows(scores=name in ("infonca", "nca")), **config)
+    assert_same_step(tokenizer, tmp_path, PACKINGS[packing], rows(scores=name in ("infonca", "nca")), **config)
 
 
 @pytest.mark.parametrize("packing", [BUDGETED, BUDGETED_SHARED], ids=["budgeted", "budgeted_shared"])
 def test_padding_free_step_matches_padded_qwen2(tokenizer, tmp_path, packing):
-    assert_same_step(tokenizer, tmp_path, packing, arch="qwen2", rejected_reduction="sum")
+    assert_same_step(tokenizer, tmp_path, packing, rows(), arch="qwen2", rejected_reduction="sum")
 
 
 def test_budget_truncation_matches_padded_max_length(tokenizer, tmp_path):
     """A sequence over the budget is cut as `max_length` cuts it: same step as the padded forward with that
     `max_length`."""
-    packed = trainer(tokenizer, tmp_path, "packed", padding_free=True, token_budget=12)
-    padded = trainer(tokenizer, tmp_path, "padded", max_length=12)
+    packed = packing_trainer(tokenizer, tmp_path, "packed", rows(), padding_free=True, token_budget=12)
+    padded = packing_trainer(tokenizer, tmp_path, "padded", rows(), max_length=12)
     assert max(len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in packed.train_dataset) > 12
     torch.testing.assert_close(loss_and_grads(packed)[0], loss_and_grads(padded)[0], atol=1e-5, rtol=1e-5)
 
@@ -317,14 +135,14 @@ def test_budget_truncation_matches_padded_max_length(tokenizer, tmp_path):
 def test_padding_free_step_matches_padded_with_lora(tokenizer, tmp_path, packing):
     """LoRA with random B, so that the policy differs from the reference (the adapter disabled)."""
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    packed = assert_same_step(tokenizer, tmp_path, PACKINGS[packing], ref=False, peft_config=lora)
+    packed = assert_same_step(tokenizer, tmp_path, PACKINGS[packing], rows(), ref=False, peft_config=lora)
     assert packed.model.get_base_model().config._attn_implementation == SEGMENT_SDPA
 
 
 @pytest.mark.parametrize("packing", list(PACKINGS))
 def test_padding_free_precompute_stores_the_padded_reference_logps(tokenizer, tmp_path, packing):
-    padded = trainer(tokenizer, tmp_path, "padded", precompute_ref_log_probs=True)
-    packed = trainer(tokenizer, tmp_path, "packed", precompute_ref_log_probs=True, **PACKINGS[packing])
+    padded = packing_trainer(tokenizer, tmp_path, "padded", rows(), precompute_ref_log_probs=True)
+    packed = packing_trainer(tokenizer, tmp_path, "packed", rows(), precompute_ref_log_probs=True, **PACKINGS[packing])
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         expected = torch.tensor(padded.train_dataset[column]).nan_to_num(0.0)
         got = torch.tensor(packed.train_dataset[column]).nan_to_num(0.0)
@@ -339,8 +157,8 @@ def test_padding_free_training_with_gradient_accumulation_matches_padded(tokeniz
     config = dict(
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-1, optim="sgd"
     )
-    padded = trainer(tokenizer, tmp_path, "padded", data=rows() + rows()[:2], **config)
-    packed = trainer(tokenizer, tmp_path, "packed", data=rows() + rows()[:2], **PACKINGS[packing], **config)
+    padded = packing_trainer(tokenizer, tmp_path, "padded", rows() + rows()[:2], **config)
+    packed = packing_trainer(tokenizer, tmp_path, "packed", rows() + rows()[:2], **PACKINGS[packing], **config)
     before = {n: p.detach().clone() for n, p in padded.model.named_parameters()}
     padded.train()
     packed.train()
@@ -354,7 +172,7 @@ def test_padding_free_training_with_gradient_accumulation_matches_padded(tokeniz
 
 
 def test_padding_free_is_honoured_without_trl_fallback_warning(tokenizer, tmp_path, caplog):
-    packed = trainer(tokenizer, tmp_path, "packed", padding_free=True)
+    packed = packing_trainer(tokenizer, tmp_path, "packed", rows(), padding_free=True)
     assert packed.padding_free and packed.args.padding_free
     assert "temporarily unavailable" not in caplog.text
     assert "packed_input_ids" in batch_of(packed)

@@ -2,15 +2,21 @@
 
 import pytest
 import torch
-from conftest import assert_grads_close, batch_of, loss_and_grads, make_args, policy_and_ref, sequence_logps
+from conftest import (
+    assert_same_step,
+    batch_of,
+    loss_and_grads,
+    make_args,
+    packing_trainer,
+    policy_and_ref,
+    sequence_logps,
+)
 from datasets import Dataset
 from peft import LoraConfig
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.collator import DataCollatorForMultiRejectedPreference
 from trl_dpo_ext.forward import sequence_logps as forward_sequence_logps
 from trl_dpo_ext.losses import REJECTED_REDUCTIONS
-from trl_dpo_ext.packing import dense_attention_mask
 from trl_dpo_ext.quickstart import tiny_causal_lm
 
 
@@ -31,60 +37,12 @@ def rows(num_rejected=RAGGED, scores: bool = False):
     return out
 
 
-def trainer(
-    tokenizer, tmp_path, shared: bool, arch="llama", data=None, ref=True, model_kwargs=None, peft_config=None, **config
-):
-    policy, ref_model = policy_and_ref(tokenizer, arch=arch)
-    if model_kwargs:  # a fresh pair built with other config values (e.g. the attention implementation)
-        ref_model = tiny_causal_lm(len(tokenizer), arch=arch, **model_kwargs)
-        policy = tiny_causal_lm(len(tokenizer), arch=arch, **model_kwargs)
-        policy.load_state_dict(policy_and_ref(tokenizer, arch=arch)[0].state_dict())
-    config.setdefault("per_device_train_batch_size", 6)
-    return DPOTrainer(
-        model=policy,
-        ref_model=ref_model if ref else None,
-        args=make_args(tmp_path / ("shared" if shared else "unshared"), prefix_sharing=shared, **config),
-        train_dataset=Dataset.from_list(data or rows()),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-
-
-def test_collator_packs_prompt_once_with_restarting_positions():
-    collator = DataCollatorForMultiRejectedPreference(pad_token_id=0, prefix_sharing=True)
-    batch = collator(
-        [
-            {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [[6], [7, 8]]},
-            {"prompt_ids": [9], "chosen_ids": [10], "rejected_ids": [[11, 12]]},
-        ]
-    )
-    # Example 0: prefix [1, 2], then each response opened by the last prompt token 3 at position 2
-    # Example 1: empty prefix, each response opened by 9 at position 0
-    assert batch["packed_input_ids"].tolist() == [
-        [1, 2, 3, 4, 5, 3, 6, 3, 7, 8],
-        [9, 10, 9, 11, 12, 0, 0, 0, 0, 0],
-    ]
-    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 2, 3, 4], [0, 1, 0, 1, 2, 0, 0, 0, 0, 0]]
-    assert batch["packed_segment_ids"].tolist() == [
-        [0, 0, 1, 1, 1, 2, 2, 3, 3, 3],
-        [1, 1, 2, 2, 2, -1, -1, -1, -1, -1],
-    ]
-    assert batch["packed_completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 1, 0, 1, 1], [0, 1, 0, 1, 1, 0, 0, 0, 0, 0]]
-    # The unshared keys are still there, and each scored token maps to the packed position predicting it
-    assert batch["input_ids"].shape == (5, 5)
-    packed_width = 9
-    assert batch["unpack_index"][0, 2:4].tolist() == [2, 3]  # chosen of example 0: 4 from "3"@2, 5 from "4"@3
-    assert batch["unpack_index"][3, 2:4].tolist() == [7, 8]  # rejected [7, 8] of example 0
-    assert batch["unpack_index"][4, 0:2].tolist() == [packed_width + 2, packed_width + 3]  # rejected [11, 12]
-
-    mask = dense_attention_mask(batch["packed_segment_ids"])[0, 0]
-    assert mask[6].tolist() == [True, True, False, False, False, True, True, False, False, False]  # "6" sees 1 2 3 6
-    assert mask[9].tolist() == [True, True, False, False, False, False, False, True, True, True]
+SHARED = {"prefix_sharing": True}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_shared_sequence_logps_match_a_plain_forward(tokenizer, tmp_path, arch):
-    shared = trainer(tokenizer, tmp_path, shared=True, arch=arch)
+    shared = packing_trainer(tokenizer, tmp_path, "shared", rows(), arch=arch, **SHARED)
     policy = policy_and_ref(tokenizer, arch=arch)[0]
     batch = batch_of(shared)
     assert batch["packed_input_ids"].size(0) == len(RAGGED)  # one packed row per example
@@ -98,20 +56,6 @@ def test_shared_sequence_logps_match_a_plain_forward(tokenizer, tmp_path, arch):
             torch.testing.assert_close(
                 rejected[i, k], sequence_logps(policy, row["prompt_ids"], ids), atol=1e-5, rtol=0
             )
-
-
-def assert_same_step(tokenizer, tmp_path, arch="llama", data=None, ref=True, model_kwargs=None, **config):
-    """Loss, gradients and every logged metric of one step, shared against unshared."""
-    unshared = trainer(tokenizer, tmp_path, False, arch, data, ref, model_kwargs, **config)
-    shared = trainer(tokenizer, tmp_path, True, arch, data, ref, model_kwargs, **config)
-    expected_loss, expected_grads = loss_and_grads(unshared)
-    loss, grads = loss_and_grads(shared)
-    assert expected_loss.item() != pytest.approx(0.6931471, abs=1e-4), "the policy must differ from the reference"
-    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
-    assert_grads_close(grads, expected_grads, atol=1e-5)
-    for key, values in unshared._metrics["train"].items():
-        assert shared._metrics["train"][key][-1] == pytest.approx(values[-1], rel=1e-4, abs=1e-5), key
-    return shared
 
 
 REDUCTION_CONFIGS = {name: {"rejected_reduction": name} for name in REJECTED_REDUCTIONS}
@@ -128,28 +72,28 @@ OTHER_CONFIGS = {
 def test_shared_step_matches_unshared_llama(tokenizer, tmp_path, name):
     config = {**REDUCTION_CONFIGS, **OTHER_CONFIGS}[name]
     data = rows(scores=name in ("infonca", "nca"))
-    assert_same_step(tokenizer, tmp_path, data=data, **config)
+    assert_same_step(tokenizer, tmp_path, SHARED, data, **config)
 
 
 def test_shared_step_matches_unshared_qwen2(tokenizer, tmp_path):
-    assert_same_step(tokenizer, tmp_path, arch="qwen2", rejected_reduction="sum")
+    assert_same_step(tokenizer, tmp_path, SHARED, rows(), arch="qwen2", rejected_reduction="sum")
 
 
 def test_shared_step_matches_unshared_with_eager_attention(tokenizer, tmp_path):
-    shared = assert_same_step(tokenizer, tmp_path, model_kwargs={"attn_implementation": "eager"})
+    shared = assert_same_step(tokenizer, tmp_path, SHARED, rows(), model_kwargs={"attn_implementation": "eager"})
     assert shared.model.config._attn_implementation == "eager"
 
 
 def test_shared_step_matches_unshared_with_lora(tokenizer, tmp_path):
     """LoRA with random B, so that the policy differs from the reference (the adapter disabled)."""
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    shared = assert_same_step(tokenizer, tmp_path, ref=False, peft_config=lora)
+    shared = assert_same_step(tokenizer, tmp_path, SHARED, rows(), ref=False, peft_config=lora)
     assert any("lora_" in name for name, p in shared.model.named_parameters() if p.requires_grad)
 
 
 def test_shared_precompute_stores_the_unshared_reference_logps(tokenizer, tmp_path):
-    unshared = trainer(tokenizer, tmp_path, False, precompute_ref_log_probs=True)
-    shared = trainer(tokenizer, tmp_path, True, precompute_ref_log_probs=True)
+    unshared = packing_trainer(tokenizer, tmp_path, "unshared", rows(), precompute_ref_log_probs=True)
+    shared = packing_trainer(tokenizer, tmp_path, "shared", rows(), precompute_ref_log_probs=True, **SHARED)
     assert shared.ref_model is not None  # the precompute pass runs the reference on packed rows
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         expected = torch.tensor(unshared.train_dataset[column]).nan_to_num(0.0)
@@ -160,7 +104,7 @@ def test_shared_precompute_stores_the_unshared_reference_logps(tokenizer, tmp_pa
 
 
 def test_shared_forward_computes_each_prompt_once(tokenizer, tmp_path):
-    shared = trainer(tokenizer, tmp_path, True, max_steps=1)
+    shared = packing_trainer(tokenizer, tmp_path, "shared", rows(), max_steps=1, **SHARED)
     tokens = {"policy": 0, "reference": 0}
 
     def counter(name):
@@ -188,7 +132,14 @@ def test_shared_bf16_logps_match_unshared_bf16(tokenizer, tmp_path):
     """bf16 weights: the packed and the unshared forward round differently, so compare at bf16 precision."""
     results = []
     for shared in (False, True):
-        t = trainer(tokenizer, tmp_path, shared, model_kwargs={"dtype": torch.bfloat16})
+        t = packing_trainer(
+            tokenizer,
+            tmp_path,
+            f"shared_{shared}",
+            rows(),
+            model_kwargs={"dtype": torch.bfloat16},
+            prefix_sharing=shared,
+        )
         batch = batch_of(t)
         with torch.no_grad():
             results.append(forward_sequence_logps(t._per_token_logps(t.model, batch, False)[0], batch))
@@ -233,7 +184,14 @@ def test_prefix_sharing_with_sliding_window_layers_raises(tokenizer, tmp_path):
 def test_flex_attention_shared_logps_match_unshared_sdpa(tokenizer, tmp_path):
     results = []
     for shared, implementation in ((False, "sdpa"), (True, "flex_attention")):
-        t = trainer(tokenizer, tmp_path, shared, model_kwargs={"attn_implementation": implementation})
+        t = packing_trainer(
+            tokenizer,
+            tmp_path,
+            f"shared_{shared}",
+            rows(),
+            model_kwargs={"attn_implementation": implementation},
+            prefix_sharing=shared,
+        )
         batch = batch_of(t)
         with torch.no_grad():
             results.append(forward_sequence_logps(t._per_token_logps(t.model, batch, False)[0], batch))

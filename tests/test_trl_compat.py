@@ -40,7 +40,7 @@ def test_an_untested_trl_version_warns_naming_the_tested_ones(version):
 
 
 def test_the_multimodal_rope_index_of_qwen2_5_vl_is_found_and_a_text_model_has_none(tokenizer):
-    from trl_dpo_ext.quickstart.toy_vision import tiny_vlm, tiny_vlm_processor
+    from toy_vision import tiny_vlm, tiny_vlm_processor
 
     assert _trl_compat.multimodal_rope_index(tiny_vlm(tiny_vlm_processor("qwen2_5_vl"), "qwen2_5_vl")) is not None
     assert _trl_compat.multimodal_rope_index(policy_and_ref(tokenizer)[0]) is None

@@ -26,7 +26,9 @@ from transformers.data.data_collator import DataCollatorMixin  # noqa: F401
 #   which the registered segment-wise SDPA runs on every ordinary (unpacked) forward.
 # - `sdpa_mask`: SDPA's mask builder, registered for that implementation so that ordinary forwards get SDPA's masks.
 # - Relied on, not imported: a model's extra forward keyword arguments reach its attention function (`**kwargs`, as
-#   `cu_seq_lens_q` does); `create_causal_mask` uses a 4D mask (tensor or `BlockMask`) as given.
+#   `cu_seq_lens_q` does); `create_causal_mask` uses a 4D mask (tensor or `BlockMask`) as given, and, given no mask
+#   and no cache, finds sequences packed in a row from `position_ids` restarting at 0 (`find_packed_sequence_indices`),
+#   which serves `padding_free` without prefix sharing.
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402, F401
 from transformers.masking_utils import sdpa_mask  # noqa: E402, F401
 

@@ -17,6 +17,7 @@ from accelerate.utils import is_peft_model
 from ._trl_compat import disable_gradient_checkpointing, use_adapter
 from .losses import PreferenceLogps, length_desensitized_logps
 from .packing import packed_model_inputs, unpack_outputs
+from .packing.spec import PackingSpec
 
 
 # Keys of the collated batch that the model's forward takes
@@ -39,17 +40,19 @@ def fused_forward(
     attn_implementation: str | None,
     output_router_logits: bool = False,
     extra_inputs: dict | None = None,
+    packing: PackingSpec | None = None,
 ):
     """The fused-LM-head forward of the batch: per-token log-probs (and entropy, mean logits, top-1) of the
     completion labels; the prompt and padding are labelled −100. `extra_inputs` (the image inputs of image rows,
-    `trl_dpo_ext.vision.image_model_inputs`) go to the model as they are, in either layout."""
+    `trl_dpo_ext.vision.image_model_inputs`) go to the model as they are, in either layout. With a `packing` that
+    packs, the packed rows are forwarded instead of the unshared ones."""
     model_kwargs = {**model_inputs(inputs), "use_cache": False}
     if output_router_logits:
         model_kwargs["output_router_logits"] = True
-    if "packed_input_ids" not in inputs:
+    if packing is None or not packing.packed:
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         return model(**model_kwargs, **(extra_inputs or {}), labels=labels, fused_lm_head=True)
-    packed_kwargs, packed_labels = packed_model_inputs(inputs, attn_implementation)
+    packed_kwargs, packed_labels = packed_model_inputs(inputs, attn_implementation, packing.prefix_sharing)
     outputs = model(
         **{**model_kwargs, **packed_kwargs, **(extra_inputs or {})}, labels=packed_labels, fused_lm_head=True
     )
@@ -62,9 +65,10 @@ def per_token_logps(
     attn_implementation: str | None,
     output_router_logits: bool = False,
     extra_inputs: dict | None = None,
+    packing: PackingSpec | None = None,
 ) -> tuple[torch.Tensor, object]:
     """Per-token log-probs [B + R, L − 1] of the batch's labels, and the model's outputs."""
-    outputs = fused_forward(model, inputs, attn_implementation, output_router_logits, extra_inputs)
+    outputs = fused_forward(model, inputs, attn_implementation, output_router_logits, extra_inputs, packing)
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
     seq_len = inputs["completion_mask"].size(1) - 1
     return outputs.log_probs[:, -seq_len:], outputs

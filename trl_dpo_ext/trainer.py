@@ -231,10 +231,10 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         implementation = attn_implementation(self.accelerator.unwrap_model(model))
         extra = image_model_inputs(inputs, self.accelerator.unwrap_model(model)) if self._image_rows else None
         if not reference:
-            return per_token_logps(model, inputs, implementation, self.aux_loss_enabled, extra)
+            return per_token_logps(model, inputs, implementation, self.aux_loss_enabled, extra, self.packing_spec)
         unwrapped = self.accelerator.unwrap_model(self.model)
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
-            return per_token_logps(model, inputs, implementation, extra_inputs=extra)
+            return per_token_logps(model, inputs, implementation, extra_inputs=extra, packing=self.packing_spec)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch: the chosen [B] and the rejected [B, K] (NaN-padded)."""

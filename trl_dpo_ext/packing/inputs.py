@@ -16,17 +16,26 @@ from .models import MASK_IMPLEMENTATIONS, VARLEN_PREFIX
 PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
-def packed_model_inputs(inputs: dict[str, Any], implementation: str) -> tuple[dict[str, Any], torch.Tensor]:
-    """Keyword arguments of the packed forward and its labels (-100 where no response token is scored)."""
+def packed_model_inputs(
+    inputs: dict[str, Any], implementation: str, prefix_sharing: bool = True
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Keyword arguments of the packed forward and its labels (-100 where no response token is scored).
+
+    Without `prefix_sharing` every block is a whole sequence whose positions restart at 0, which transformers finds
+    by itself: the mask implementations get no mask, and transformers builds it from `position_ids`."""
     input_ids = inputs["packed_input_ids"]
     labels = input_ids.masked_fill(inputs["packed_completion_mask"] == 0, -100)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "position_ids": inputs["packed_position_ids"]}
     segment_ids, document_ids = inputs["packed_segment_ids"], inputs["packed_document_ids"]
     if implementation == SEGMENT_SDPA:
+        # Ours even without prefix sharing: transformers' SDPA would mask a dense [L, L] block-diagonal over the row
         # An empty 4D mask: transformers then builds none (a 4D mask is used as given), and any kernel that read it
         # instead of `packed_spans` would fail on its shape rather than attend everywhere
         kwargs["attention_mask"] = input_ids.new_zeros(input_ids.size(0), 1, 0, 0, dtype=torch.bool)
         kwargs["packed_spans"] = inputs["packed_spans"]
+    elif not prefix_sharing and implementation in MASK_IMPLEMENTATIONS:
+        # `create_causal_mask` (no mask, no cache) finds the sequences with `find_packed_sequence_indices`
+        kwargs["attention_mask"] = None
     elif implementation == "sdpa":
         kwargs["attention_mask"] = dense_attention_mask(segment_ids, document_ids)
     elif implementation == "eager":

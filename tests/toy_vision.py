@@ -1,9 +1,9 @@
 """Offline tiny vision-language models: LLaVA, Qwen2.5-VL and Gemma 3 built from a config, with a local processor.
 
 Nothing here downloads anything. Each processor pairs an image processor constructed from its arguments with the
-character tokenizer of `trl_dpo_ext.quickstart.toy` (plus the model's image tokens) and a ChatML template that renders image
-parts, so that 16 × 16 images become 16 image tokens (LLaVA) or 4 (Qwen2.5-VL, Gemma 3). The tests and the vision benchmark
-use these as TRL's tests use its `trl-internal-testing/tiny-*` checkpoints.
+character tokenizer of `trl_dpo_ext.quickstart` (plus the model's image tokens) and a ChatML template that renders
+image parts, so that 16 × 16 images become 16 image tokens (LLaVA) or 4 (Qwen2.5-VL, Gemma 3). The tests and the vision
+benchmark use these as TRL's tests use its `trl-internal-testing/tiny-*` checkpoints; they are not installed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from .toy import char_tokenizer
+from trl_dpo_ext.quickstart import char_tokenizer
 
 
 IMAGE_SIZE = 16
