@@ -37,7 +37,7 @@ def policy_and_ref(tokenizer, arch: str = "llama", noise: float = 0.05, seed: in
 
 
 def sequence_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
-    """log π(completion | prompt) by a plain forward and log-softmax: the seed's computation, independent of TRL."""
+    """log π(completion | prompt) by a plain forward and log-softmax: the textbook computation, independent of TRL."""
     input_ids = torch.tensor([prompt_ids + completion_ids])
     logits = model(input_ids=input_ids).logits[0, :-1]
     log_probs = logits.log_softmax(-1).gather(1, input_ids[0, 1:, None]).squeeze(1)

@@ -1,4 +1,4 @@
-"""The loss math on hand-worked values, against the seed's formulas and autograd."""
+"""The loss math on hand-worked values, against the papers' formulas and autograd."""
 
 import math
 
@@ -85,7 +85,7 @@ def test_padding_of_ragged_k_changes_nothing(loss_type, reduction):
 
 
 def test_mean_reduction_gradient_is_the_seeds_weight_over_k():
-    """Seed §3.3: ∇L = −β σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l)); with the mean over K each pair gets 1/K of it."""
+    """DPO paper (arXiv 2305.18290), §4: ∇L = −β σ(r̂_l − r̂_w)(∇log π(y_w) − ∇log π(y_l)); with the mean over K each pair gets 1/K of it."""
     beta = 0.1
     chosen = torch.tensor([[2.0]], requires_grad=True)
     rejected = torch.tensor([[1.0, 3.0, -4.0]], requires_grad=True)

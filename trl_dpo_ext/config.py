@@ -263,8 +263,12 @@ class DPOConfig(trl.DPOConfig):
         if isinstance(args, cls):
             return args
         dict_args = args.to_dict()
-        dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
-        return cls(**dict_args)
+        # to_dict hides every `*_token` field (`hub_token`, `pad_token`) behind a placeholder
+        dict_args.update({name: getattr(args, name) for name in dict_args if name.endswith("_token")})
+        with warnings.catch_warnings():  # the deprecations of the given values were reported when `args` was built
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cls(**dict_args)
 
     def __post_init__(self):
         self._default_bf16()

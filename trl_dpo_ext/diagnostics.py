@@ -1,6 +1,6 @@
 """Gradient weights of the DPO update: which (chosen, rejected) pairs drive each step.
 
-Seed §3.3 (Rafailov et al. 2023, §4): the DPO gradient is
+The DPO gradient (Rafailov et al. 2023, arXiv 2305.18290, §4 "What does the DPO update do?") is
 
     ∇L = −β E[ σ(r̂(x, y_l) − r̂(x, y_w)) · (∇log π_θ(y_w|x) − ∇log π_θ(y_l|x)) ],   r̂(x, y) = β·log π_θ(y|x)/π_ref(y|x)
 
@@ -8,7 +8,7 @@ so every pair's update is scaled by σ(r̂_l − r̂_w): near 1 where the implic
 where the pair is already learned. Two weights are computed for every pair (i, k) of a batch, from the log-ratios the
 loss already holds (no extra forward pass, everything detached):
 
-- ``w_ik = σ(r̂_lk − r̂_w) = σ(β·(Δ_lk − Δ_w))``: the seed's factor, whatever the loss.
+- ``w_ik = σ(r̂_lk − r̂_w) = σ(β·(Δ_lk − Δ_w))``: the paper's factor, whatever the loss.
 - the *effective* weight ``e_ik = (B/β)·∂L/∂Δ_lk``, with ``L`` the batch loss the trainer minimises (every `loss_type`
   times its `loss_weights` entry, mean over the B examples, the K pairs of an example combined by
   `rejected_reduction`), taken by autograd on detached copies of the log-ratios. The update moves log π_θ(y_lk|x)
@@ -62,7 +62,7 @@ HISTOGRAM_REPORTERS = ("tensorboard", "wandb", "trackio")
 
 
 def grad_weights(logps: PreferenceLogps, beta: float) -> torch.Tensor:
-    """The seed's weight w = σ(r̂_lk − r̂_w) = σ(β·(Δ_lk − Δ_w)) of every pair, detached, float32 [B, K]; NaN where
+    """The DPO weight w = σ(r̂_lk − r̂_w) = σ(β·(Δ_lk − Δ_w)) of every pair, detached, float32 [B, K]; NaN where
     there is no k-th rejected."""
     margin = beta * (logps.rejected_logratios.detach().float() - logps.chosen_logratios.detach().float())
     return torch.sigmoid(margin).masked_fill(~logps.rejected_mask, float("nan"))

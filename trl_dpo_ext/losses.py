@@ -12,7 +12,7 @@ Symbols (shapes in brackets):
 - ``r̂(x, y) = β·Δ``: the implicit reward of DPO (Rafailov et al. 2023, Eq. 5).
 - ``rejected_mask``  [B, K]: ``True`` where the k-th rejected exists (K may differ from row to row).
 
-The seed's broadcast loss is ``L = mean_k −log σ(β·Δ_w − β·Δ_lk)``. Every pairwise ``loss_type`` of
+The broadcast loss (docs/concepts.md, "The loss") is ``L = mean_k −log σ(β·Δ_w − β·Δ_lk)``. Every pairwise ``loss_type`` of
 ``trl.DPOTrainer`` is applied to each (chosen, rejected_k) pair and then reduced over k by ``rejected_reduction``.
 """
 
@@ -204,7 +204,7 @@ def reduce_over_rejected(
 ) -> torch.Tensor:
     """Combine the [B, K] pair losses of each example into one loss per example [B].
 
-    - `"mean"`: (1/K_i) Σ_k ℓ_k, the seed's broadcast loss; each prompt weighs the same whatever its K_i.
+    - `"mean"`: (1/K_i) Σ_k ℓ_k, the broadcast loss; each prompt weighs the same whatever its K_i.
     - `"sum"`: Σ_k ℓ_k; a prompt with more rejected weighs more.
     - `"min"`: ℓ_{k*} for the hardest negative k* (see `hardest_rejected_index`, required here).
     """

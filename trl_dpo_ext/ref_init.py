@@ -1,4 +1,4 @@
-"""SFT-on-chosen reference initialisation (seed § 3.4): π_ref = argmax_π E_{(x, y_w) ~ D}[log π(y_w | x)].
+"""SFT-on-chosen reference initialisation (DPO paper, arXiv 2305.18290, §4): π_ref = argmax_π E_{(x, y_w) ~ D}[log π(y_w | x)].
 
 When the model that sampled the preference data (π_SFT) is not available, DPO's reference is made by fine-tuning the
 model on the (prompt, chosen) pairs of the preference data, with the loss on the chosen tokens only, and DPO then
@@ -162,7 +162,7 @@ def train_sft_reference(
 ) -> str:
     """Fine-tune `model` on the (prompt, chosen) pairs of a preference dataset and save it: the SFT reference.
 
-    π_ref = argmax_π E_{(x, y_w) ~ D}[log π(y_w | x)] (seed § 3.4), by `trl.SFTTrainer` on prompt-completion rows with
+    π_ref = argmax_π E_{(x, y_w) ~ D}[log π(y_w | x)] (DPO paper, §4), by `trl.SFTTrainer` on prompt-completion rows with
     the loss on the completion tokens only. The SFT stage uses `args.ref_init_*` (learning rate, epochs or steps,
     batch size) and the rest of the DPO run's training arguments (precision, optimizer, scheduler, gradient
     accumulation, devices, logging); it logs under `sft_ref/` and shows its own progress bar.

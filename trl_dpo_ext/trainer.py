@@ -133,8 +133,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
                 )
 
         if args.ref_init is not None:
-            # Seed § 3.4: with no π_SFT, fine-tune on (prompt, chosen) first; the saved result is both the policy's
-            # start and, through `ref_model=None`, the reference (see `trl_dpo_ext.ref_init`)
+            # As the DPO paper does without π_SFT (arXiv 2305.18290, §4): fine-tune on (prompt, chosen) first; the
+            # saved result is both the policy's start and, through `ref_model=None`, the reference (`ref_init.py`)
             from .ref_init import init_from_sft_reference
 
             model, processing_class = init_from_sft_reference(
