@@ -229,7 +229,9 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     def _per_token_logps(self, model, inputs, reference: bool):
         """Per-token log-probs of the batch under the policy, or under the reference (see `forward.py`)."""
         implementation = attn_implementation(self.accelerator.unwrap_model(model))
-        extra = image_model_inputs(inputs, self.accelerator.unwrap_model(model)) if self._image_rows else None
+        extra = None
+        if self._image_rows:
+            extra = image_model_inputs(inputs, self.accelerator.unwrap_model(model), self.packing_spec.packed)
         if not reference:
             return per_token_logps(model, inputs, implementation, self.aux_loss_enabled, extra, self.packing_spec)
         unwrapped = self.accelerator.unwrap_model(self.model)

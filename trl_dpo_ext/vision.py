@@ -333,13 +333,13 @@ def _right_padded(rows: list[list[int]], width: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- model inputs
 
 
-def image_model_inputs(inputs: dict[str, Any], model) -> dict[str, Any]:
+def image_model_inputs(inputs: dict[str, Any], model, packed: bool = False) -> dict[str, Any]:
     """The processor's inputs of a collated image batch that the model's forward takes besides `input_ids` and
     `attention_mask` (`pixel_values`, `image_grid_thw`, `token_type_ids`, ...): as in TRL, every key the text layout
-    does not make. For the packed forward, the packed per-token outputs, and the packed rows' 3D RoPE positions of
+    does not make. For the `packed` forward, the packed per-token outputs, and the packed rows' 3D RoPE positions of
     a model that numbers tokens in 3D. `model` is unwrapped from accelerate."""
     kwargs = {k: v for k, v in inputs.items() if k not in TEXT_BATCH_KEYS and not k.startswith(PACKED_PREFIX)}
-    if "packed_input_ids" in inputs:
+    if packed:
         kwargs.update({key: inputs[PACKED_PREFIX + key] for key in PER_TOKEN_KEYS if PACKED_PREFIX + key in inputs})
         get_rope_index = multimodal_rope_index(model)
         if get_rope_index is not None:
