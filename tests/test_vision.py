@@ -21,7 +21,7 @@ from trl_dpo_ext import DPOTrainer
 from trl_dpo_ext.diagnostics import read_record, record_path
 from trl_dpo_ext.losses import REJECTED_REDUCTIONS, PreferenceLogps, multi_rejected_loss
 from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm
-from trl_dpo_ext.vision import PREFIX_SHARING_VLM_TYPES
+from trl_dpo_ext.vision import PREFIX_SHARING_VLM_TYPES, DataCollatorForMultiRejectedVisionPreference
 
 
 QUESTIONS = ["What is it?", "Colour?", "Describe."]
@@ -335,3 +335,19 @@ def test_compute_metrics_on_image_rows_gets_the_logits_of_each_sequence_with_its
 def test_padding_free_on_image_rows_raises_naming_prefix_sharing(tmp_path):
     with pytest.raises(NotImplementedError, match=r"`padding_free=True` is not supported for image rows yet"):
         ext_trainer("qwen2_5_vl", image_rows(), tmp_path, padding_free=True)
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_image_rows_per_token_inputs_are_truncated_with_their_tokens(truncation_mode):
+    processor = tiny_vlm_processor("gemma3")  # its processor gives `token_type_ids`, 1 on the image tokens
+    full = DataCollatorForMultiRejectedVisionPreference(processor)(image_rows())
+    lengths = full["attention_mask"].sum(1).tolist()
+    max_length = min(lengths) - 2  # cuts every sequence
+    collator = DataCollatorForMultiRejectedVisionPreference(
+        processor, max_length=max_length, truncation_mode=truncation_mode
+    )
+    cut = collator(image_rows())
+    for i, length in enumerate(lengths):
+        kept = slice(0, max_length) if truncation_mode == "keep_start" else slice(length - max_length, length)
+        for key in ("input_ids", "token_type_ids", "completion_mask"):
+            assert cut[key][i, :max_length].tolist() == full[key][i, kept].tolist(), (i, key)
