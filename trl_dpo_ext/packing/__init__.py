@@ -18,6 +18,7 @@ What each attention implementation runs (see docs/prefix_sharing.md for the meas
 | `"sdpa"` | segment-wise SDPA (`attention.segment_sdpa_attention`): per attention piece, the queries of a segment over the keys of [its prompt prefix, itself]: only the attended blocks are computed. The trainer registers it as `"trl_dpo_ext_sdpa"`, which runs transformers' own SDPA for any other input. |
 | `"eager"` | dense additive 4D mask (the fallback: every masked score is computed); `"sdpa"` itself (image rows, which the trainer does not switch) takes the dense bool mask |
 | `"flex_attention"` | FlexAttention `BlockMask`; its kernel skips the blocks no query attends to (GPU: FlexAttention has no backward on CPU in torch 2.13) |
+| `"eager"`, `"sdpa"`, `"flex_attention"`, padding-free without prefix sharing | no mask: transformers finds the sequences from the restarting `position_ids` and builds its own (the same numbers) |
 | `"flash_attention_2"`/`"_3"` | varlen flash attention over `cu_seq_lens` (padding-free without prefix sharing only) |
 """
 
