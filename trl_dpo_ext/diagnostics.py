@@ -23,7 +23,8 @@ Symbols and shapes as in `trl_dpo_ext.losses`: B examples, K the largest number 
 Logged keys (each averaged over the steps of a logging window by TRL's `log()`), for ``P`` = ``grad_weight`` (w) and
 ``grad_weight_eff`` (e): ``P/mean``, ``P/max``, ``P/p10``, ``P/p50``, ``P/p90`` (quantiles over the pairs of all
 processes), ``P/frac_above_0.5``, ``P/frac_below_0.05``, and ``P/rank_k``, the mean over the examples that have a k-th
-rejected, when K > 1. Every key is defined in ``docs/diagnostics.md``.
+rejected, when K > 1; and ``P/nonfinite``, the number of real pairs (the pair mask tells them from the padding) whose
+weight is NaN or infinite, left out of the others. Every key is defined in ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class NonFiniteGuard(TrainerCallback):
         self.reward_rows: list = []  # rows with a non-finite implicit reward
         self.loss_sum = 0.0  # Σ |loss| of the step's micro-batches (0 ⇔ nothing left to learn)
         self.nonfinite_gradients: list[str] = []
-        self.gradient_sq_norm = 0.0
+        self.gradient_sq_norm: float | None = None  # None: no gradient seen (e.g. DeepSpeed keeps its own)
         self.named_by_position = False
 
     # -------------------------------------------------------------------------------------------- observations
@@ -135,7 +135,7 @@ class NonFiniteGuard(TrainerCallback):
             len(self.reward_rows),
             len(self.nonfinite_gradients),
             len(bad_parameters),
-            self.gradient_sq_norm,
+            self.gradient_sq_norm if self.gradient_sq_norm is not None else -1.0,
             self.loss_sum,
         ]
         totals = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
@@ -162,7 +162,7 @@ class NonFiniteGuard(TrainerCallback):
                 raise NonFiniteTrainingError(message)
             if state.is_world_process_zero:
                 logger.warning(message)
-        elif grad_sq_norm == 0 and loss_sum > 0 and self.check_gradients and not self.zero_gradient_warned:
+        elif grad_sq_norm == 0 and loss_sum > 0 and not self.zero_gradient_warned:  # −1 per process without one
             self.zero_gradient_warned = True
             if state.is_world_process_zero:
                 logger.warning(
