@@ -117,7 +117,8 @@ class NonFiniteGuard(TrainerCallback):
         grads = [(name, _local(p.grad)) for name, p in model.named_parameters() if p.grad is not None]
         if not grads:
             return
-        norms = torch.stack([g.detach().float().norm() for _, g in grads])  # one host sync below
+        # One float32 norm per tensor (no float32 copy of bf16 gradients), read back in one host sync
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for _, g in grads])
         finite = torch.isfinite(norms)
         self.gradient_sq_norm = norms[finite].double().square().sum().item()
         self.nonfinite_gradients = [name for (name, _), ok in zip(grads, finite.tolist(), strict=True) if not ok]
@@ -126,10 +127,13 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         bad_parameters = []
-        if model is not None:
-            for name, p in model.named_parameters():
-                if p.requires_grad and not torch.isfinite(_local(p.detach())).all():
-                    bad_parameters.append(name)
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad] if model is not None else []
+        if trainable:
+            # A float32 sum per tensor is NaN or infinite if an entry is (or if the weights sum past 3e38, diverged
+            # too); one stack, one host sync, no per-entry mask
+            sums = torch.stack([_local(p.detach()).sum(dtype=torch.float32) for _, p in trainable])
+            finite = torch.isfinite(sums).tolist()
+            bad_parameters = [name for (name, _), ok in zip(trainable, finite, strict=True) if not ok]
         local = [
             len(self.loss_rows),
             len(self.reward_rows),
