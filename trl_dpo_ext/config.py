@@ -11,6 +11,7 @@ import torch
 import trl
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
+from .guards import check_on_nonfinite
 from .loss_spec import LossSpec
 from .losses import REJECTED_REDUCTIONS
 
@@ -119,6 +120,13 @@ class DPOConfig(trl.DPOConfig):
             drops the lines of the steps after it, and a fresh run starts an empty file. Read it with
             `trl-dpo-ext report`. The `grad_weight/...` metrics are logged either way.
 
+        > Parameters that control the non-finite checks (see `docs/diagnostics.md`)
+
+        on_nonfinite (`str`, *optional*, defaults to `"stop"`):
+            What a training step with a NaN or infinite loss, implicit reward, gradient or trainable parameter does:
+            `"stop"` raises `NonFiniteTrainingError` naming the step and the rows, before the step is logged or
+            saved; `"warn"` logs the same message and training goes on.
+
     > [!NOTE]
     > One default differs from [`trl.DPOConfig`]: `bf16`, when not set, is `False` on a machine without bf16 support
     > (no bf16-capable GPU or TPU, and `use_cpu=False`), where TRL's `True` fails in `transformers`; one line is logged.
@@ -206,6 +214,15 @@ class DPOConfig(trl.DPOConfig):
         },
     )
 
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A step with a NaN or infinite loss, reward, gradient or parameter: 'stop' (raise, naming the step "
+            "and rows, before it is saved) or 'warn'.",
+            "choices": ["stop", "warn"],
+        },
+    )
+
     def _check_ref_init(self) -> None:
         if self.ref_init not in (None, "sft_on_chosen"):
             raise ValueError(f"`ref_init` must be None or 'sft_on_chosen', got {self.ref_init!r}.")
@@ -269,5 +286,6 @@ class DPOConfig(trl.DPOConfig):
         super().__post_init__()
         self._check_ref_init()
         self._check_packing()
+        check_on_nonfinite(self.on_nonfinite)
         # Every rule on which loss combinations are meaningful lives in the spec, which raises here
         LossSpec.from_config(self)

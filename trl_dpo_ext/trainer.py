@@ -41,6 +41,7 @@ from .forward import (
     sequence_logps,
     wpo_pair_weights,
 )
+from .guards import NonFiniteGuard
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import ModelCardMixin
@@ -178,6 +179,9 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         )
         for callback in self.grad_weight_diagnostics.callbacks():
             self.add_callback(callback)
+        # A non-finite step stops (or warns) before it is logged and saved (`guards.py`)
+        self.nonfinite_guard = NonFiniteGuard(getattr(args, "on_nonfinite", "stop"), self.accelerator, not args.fp16)
+        self.add_callback(self.nonfinite_guard)
 
     # ------------------------------------------------------------------ data
 
@@ -269,6 +273,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         with torch.no_grad():
+            if mode == "train":
+                self.nonfinite_guard.observe_batch(inputs, loss, logps, spec.beta)
             self._log_metrics(mode, inputs, outputs, logps)
             weights = self.grad_weight_diagnostics.step(
                 self.accelerator, mode, inputs, logps, pair_weights, self.state
