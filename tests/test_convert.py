@@ -222,7 +222,9 @@ def test_group_pairwise_errors_name_the_row_and_column():
         group_pairwise([{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c"}])
     with pytest.raises(ValueError, match=r"Row 0, column 'chosen': expected a str or a list of messages, got int"):
         group_pairwise([{"prompt": "p", "chosen": 3, "rejected": "r"}])
-    with pytest.raises(ValueError, match=r"Row 0, column 'rejected': expected a response or a non-empty list"):
+    with pytest.raises(
+        ValueError, match=r"Row 0, column 'rejected': expected a str or a non-empty list\[str\], got empty list"
+    ):
         group_pairwise([{"prompt": "p", "chosen": "c", "rejected": []}])
 
 

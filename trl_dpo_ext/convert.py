@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .rows import is_messages, type_name
+from .rows import parse_text_row, type_name
 
 
 logger = logging.getLogger(__name__)
@@ -239,13 +239,6 @@ def _key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _check_response(value: Any, idx: int, column: str) -> None:
-    if not (isinstance(value, str) or is_messages(value)):
-        raise ValueError(
-            f"Row {idx}, column '{column}': expected a str or a list of messages, got {type_name(value)}."
-        )
-
-
 def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
     """Pairwise rows that share their prompt and chosen, grouped into one row with the list of their rejected.
 
@@ -255,30 +248,13 @@ def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
     rejected keep their order and duplicates are dropped. `max_rejected` keeps the first ones.
     Other columns are not carried over (they may differ between the rows of a group).
     """
-    from trl import extract_prompt
-
     if max_rejected is not None and max_rejected < 1:
         raise ValueError(f"`max_rejected` must be at least 1 (or None for all), got {max_rejected}.")
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for idx, row in enumerate(_rows(data)):
-        for column in ("chosen", "rejected"):
-            if column not in row:
-                raise ValueError(f"Row {idx}, column '{column}': missing (columns: {sorted(row)}).")
-        rejected = row["rejected"]
-        rejected_list = rejected if isinstance(rejected, list) and not is_messages(rejected) else [rejected]
-        if not rejected_list:
-            raise ValueError(f"Row {idx}, column 'rejected': expected a response or a non-empty list, got empty list.")
-        _check_response(row["chosen"], idx, "chosen")
-        for item in rejected_list:
-            _check_response(item, idx, "rejected")
-        if "prompt" in row and row["prompt"] is not None:
-            _check_response(row["prompt"], idx, "prompt")
-            prompt, chosen = row["prompt"], row["chosen"]
-        else:  # implicit prompt: the longest shared start of chosen and each rejected
-            split = [extract_prompt({"chosen": row["chosen"], "rejected": r}) for r in rejected_list]
-            prompt = min((s["prompt"] for s in split), key=len)
-            chosen = row["chosen"][len(prompt) :]
-            rejected_list = [r[len(prompt) :] for r in rejected_list]
+        if row.get("prompt") is None:  # no prompt (or None, as `Dataset.from_list` fills a missing key): implicit
+            row = {key: value for key, value in row.items() if key != "prompt"}
+        prompt, chosen, rejected_list, _, _ = parse_text_row(row, idx)
         group = groups.setdefault(
             (_key(prompt), _key(chosen)), {"prompt": prompt, "chosen": chosen, "rejected": [], "_seen": set()}
         )

@@ -50,7 +50,8 @@ from .packed_attention import (
     check_packing_setup,
     prepare_packed_models,
 )
-from .rows import INDEX_COLUMN, check_ref_logps_columns, model_vocab_size
+from .rows import INDEX_COLUMN, model_vocab_size
+from .score_checks import check_ref_logps_columns
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
     image_model_inputs,
