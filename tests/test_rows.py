@@ -139,6 +139,8 @@ def test_a_plain_prompt_that_is_not_text_names_the_prompt_column():
 
 def test_a_bad_row_of_the_eval_dataset_says_it_is_the_eval_dataset(tmp_path):
     good = {"prompt": "2+2=", "chosen": " 4", "rejected": [" 5"]}
-    message = "Row 1, column 'rejected': expected a str or a non-empty list[str], got empty list. (in the eval dataset)"
+    message = (
+        "Row 1, column 'rejected': expected a str or a non-empty list[str], got empty list. (in the eval dataset)"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         build(tmp_path, [good, good], eval_rows=[good, {**good, "rejected": []}])
