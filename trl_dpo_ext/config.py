@@ -119,6 +119,14 @@ class DPOConfig(trl.DPOConfig):
             drops the lines of the steps after it, and a fresh run starts an empty file. Read it with
             `trl-dpo-ext report`. The `grad_weight/...` metrics are logged either way.
 
+        > Parameters that control resuming
+
+        resume_allow_changes (`bool`, *optional*, defaults to `False`):
+            Whether a run may resume from a checkpoint saved with another loss (`rejected_reduction`, `beta`, the loss
+            types and their settings) or other training data (its rows, its numbers of rejected K). Each checkpoint
+            records them in `run_identity.json`; by default a difference is an error naming the field, its saved and
+            its new value. `True` logs the differences and resumes.
+
     > [!NOTE]
     > One default differs from [`trl.DPOConfig`]: `bf16`, when not set, is `False` on a machine without bf16 support
     > (no bf16-capable GPU or TPU, and `use_cpu=False`), where TRL's `True` fails in `transformers`; one line is logged.
@@ -203,6 +211,14 @@ class DPOConfig(trl.DPOConfig):
         metadata={
             "help": "Record each training row's gradient weights σ(r̂_l − r̂_w) (and effective weights) at every step "
             "in `<output_dir>/grad_weights.jsonl`, for `trl-dpo-ext report`."
+        },
+    )
+
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint saved with another loss (reduction, beta, ...) or other training data "
+            "(rows, K): logged instead of an error."
         },
     )
 

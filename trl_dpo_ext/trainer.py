@@ -51,6 +51,7 @@ from .packed_attention import (
     prepare_packed_models,
 )
 from .rows import INDEX_COLUMN, model_vocab_size
+from .run_identity import RunIdentityCallback
 from .score_checks import check_ref_logps_columns
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
@@ -179,6 +180,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         )
         for callback in self.grad_weight_diagnostics.callbacks():
             self.add_callback(callback)
+        self._run_identity = RunIdentityCallback()  # saved with each checkpoint, checked on resume
+        self.add_callback(self._run_identity)
 
     # ------------------------------------------------------------------ data
 
@@ -192,6 +195,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # A checkpoint whose save was interrupted is skipped: transformers would resume from the last one by number
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        allow_changes = getattr(self.args, "resume_allow_changes", False)  # a plain `trl.DPOConfig` has no such field
+        self._run_identity.start(resume_from_checkpoint, self.loss_spec, self.train_dataset, allow_changes)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
