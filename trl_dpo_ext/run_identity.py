@@ -76,11 +76,12 @@ class RunIdentityCallback(TrainerCallback):
     def __init__(self) -> None:
         self.identity: dict[str, Any] | None = None
 
-    def start(self, resume_from_checkpoint: Any, loss_spec: Any, train_dataset: Any, allow_changes: bool) -> None:
+    def start(self, resume_from_checkpoint: Any, loss_spec: Any, train_dataset: Any, args: Any) -> None:
         """At the start of `train`: the run's identity, checked against the checkpoint resumed from (a path)."""
         self.identity = run_identity(loss_spec, train_dataset)
         if isinstance(resume_from_checkpoint, str):
-            check_resume(resume_from_checkpoint, self.identity, allow_changes)
+            # A plain `trl.DPOConfig` has no `resume_allow_changes`: the default, an error
+            check_resume(resume_from_checkpoint, self.identity, getattr(args, "resume_allow_changes", False))
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
