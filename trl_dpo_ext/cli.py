@@ -245,12 +245,9 @@ def make_convert_parser() -> argparse.ArgumentParser:
 
 
 def convert_main(argv: list[str]) -> int:
-    """`trl-dpo-ext convert rated|pairwise IN OUT ...`: the rows written, with the converter's warnings (dropped rows
-    counted per reason) on stderr."""
-    import logging
-
+    """`trl-dpo-ext convert rated|pairwise IN OUT ...`: the rows written, with the converter's warning (dropped rows
+    counted per reason), logged as the function logs it (on stderr when logging is not configured)."""
     args = vars(make_convert_parser().parse_args(argv))
-    logging.basicConfig(format="%(message)s")  # the converter's warning on dropped rows, as the function logs it
     from .convert import group_pairwise, load_preference_dataset, rated_to_multi_rejected
 
     kind, source, output = args.pop("kind"), args.pop("input"), args.pop("output")
