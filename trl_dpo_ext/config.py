@@ -127,10 +127,19 @@ class DPOConfig(trl.DPOConfig):
             `"stop"` raises `NonFiniteTrainingError` naming the step and the rows, before the step is logged or
             saved; `"warn"` logs the same message and training goes on.
 
+        > Parameters that control resuming
+
+        resume_allow_changes (`bool`, *optional*, defaults to `False`):
+            Whether a run may resume from a checkpoint saved with another loss (`rejected_reduction`, `beta`, the loss
+            types and their settings) or other training data (its rows, its numbers of rejected K). Each checkpoint
+            records them in `run_identity.json`; by default a difference is an error naming the field, its saved and
+            its new value. `True` logs the differences and resumes.
+
     > [!NOTE]
     > One default differs from [`trl.DPOConfig`]: `bf16`, when not set, is `False` on a machine without bf16 support
     > (no bf16-capable GPU or TPU, and `use_cpu=False`), where TRL's `True` fails in `transformers`; one line is logged.
     > Elsewhere it is TRL's (`True` if `fp16` is not set), and an explicit `bf16=True` keeps TRL's behaviour.
+    > `dataloader_pin_memory` is `False` on a machine without an accelerator (torch would warn that it is unused).
     """
 
     rejected_reduction: str = field(
@@ -222,6 +231,13 @@ class DPOConfig(trl.DPOConfig):
             "choices": ["stop", "warn"],
         },
     )
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint saved with another loss (reduction, beta, ...) or other training data "
+            "(rows, K): logged instead of an error."
+        },
+    )
 
     def _check_ref_init(self) -> None:
         if self.ref_init not in (None, "sft_on_chosen"):
@@ -263,6 +279,16 @@ class DPOConfig(trl.DPOConfig):
                 f"{device}. Set `bf16=True` and `use_cpu=True` for bf16 autocast on the CPU."
             )
 
+    def _cpu_and_checkpointing_defaults(self) -> None:
+        # TRL's default `gradient_checkpointing=True` is under the name transformers 5.25 deprecates (a FutureWarning
+        # in every run): pass the default on under the new name. A `gradient_checkpointing` set by hand still warns.
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is True:
+            self.activation_checkpointing = True
+        # Pinned memory needs an accelerator: on a CPU, torch warns in every run that it is not used
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
+            logger.info("No accelerator found, so `dataloader_pin_memory` is False (pinned memory needs one).")
+
     def _check_packing(self) -> None:
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"`token_budget` must be None or a positive number of tokens, got {self.token_budget}.")
@@ -283,6 +309,7 @@ class DPOConfig(trl.DPOConfig):
 
     def __post_init__(self):
         self._default_bf16()
+        self._cpu_and_checkpointing_defaults()
         super().__post_init__()
         self._check_ref_init()
         self._check_packing()

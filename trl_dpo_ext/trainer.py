@@ -28,6 +28,7 @@ from ._trl_compat import (
 from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForMultiRejectedPreference, mirror_pad_token
 from .config import DPOConfig, check_distributed_launch
+from .convert import rows_as_dataset
 from .data import load_processing_class, model_id, prepare_preference_dataset
 from .diagnostics import GradWeightDiagnostics
 from .distributed import share_in_memory_dataset
@@ -51,7 +52,10 @@ from .packed_attention import (
     check_packing_setup,
     prepare_packed_models,
 )
-from .rows import INDEX_COLUMN, check_ref_logps_columns, model_vocab_size
+from .rows import INDEX_COLUMN, model_vocab_size
+from .run_identity import RunIdentityCallback
+from .score_checks import check_ref_logps_columns
+from .setup_checks import check_output_dir, check_reference_source
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
     image_model_inputs,
@@ -93,7 +97,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         ref_model=None,
         args: trl.DPOConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
+        train_dataset: Dataset | IterableDataset | list[dict] | None = None,
         eval_dataset=None,
         processing_class=None,
         compute_metrics=None,
@@ -105,6 +109,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         if args is None:  # as TRL
             args = DPOConfig(f"{model_id(model).split('/')[-1]}-DPO")
         check_distributed_launch(args)  # before any work: the SFT stage, the data, the models
+        check_output_dir(args.output_dir)
+        train_dataset, eval_dataset = rows_as_dataset(train_dataset), rows_as_dataset(eval_dataset)  # lists of dicts
         # Built (and validated) once; the loss and the gradient-weight diagnostics both use it
         self.loss_spec = LossSpec.from_config(args)
         self.rejected_reduction = self.loss_spec.reduction
@@ -133,6 +139,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             model, processing_class = init_from_sft_reference(
                 model, ref_model, train_dataset, processing_class, args, peft_config, quantization_config
             )
+        check_reference_source(model, ref_model, args, peft_config)
 
         # Every token id of the data must index a row of the model's input embedding (checked in `_prepare_dataset`)
         self._vocab_size = model_vocab_size(model, args)
@@ -182,6 +189,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         # A non-finite step stops (or warns) before it is logged and saved (`guards.py`)
         self.nonfinite_guard = NonFiniteGuard(getattr(args, "on_nonfinite", "stop"), self.accelerator, not args.fp16)
         self.add_callback(self.nonfinite_guard)
+        self._run_identity = RunIdentityCallback()  # saved with each checkpoint, checked on resume
+        self.add_callback(self._run_identity)
 
     # ------------------------------------------------------------------ data
 
@@ -195,6 +204,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # A checkpoint whose save was interrupted is skipped: transformers would resume from the last one by number
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._run_identity.start(resume_from_checkpoint, self.loss_spec, self.train_dataset, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
