@@ -36,7 +36,7 @@ tokenizer = char_tokenizer(chat_template=None)
 model = tiny_causal_lm(len(tokenizer), seed=0, hidden_size=64, num_hidden_layers=2)
 
 args = DPOConfig(
-    output_dir="quickstart-dpo",
+    output_dir="outputs/quickstart-dpo",  # under outputs/, which .gitignore covers
     per_device_train_batch_size=32,
     num_train_epochs=2,
     learning_rate=5e-4,
@@ -46,7 +46,7 @@ args = DPOConfig(
     warmup_steps=10,
     max_length=None,
     precompute_ref_log_probs=True,  # the reference (the SFT model) is run once over the data, then dropped
-    # Stage 1, run when the trainer is built: fine-tune on the (prompt, chosen) pairs, saved in quickstart-dpo/sft_ref
+    # Stage 1, run when the trainer is built: fine-tune on the (prompt, chosen) pairs, saved in outputs/quickstart-dpo/sft_ref
     ref_init="sft_on_chosen",
     ref_init_learning_rate=3e-3,
     ref_init_num_train_epochs=6,

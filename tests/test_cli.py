@@ -341,3 +341,68 @@ def test_torchrun_on_a_cpu_without_use_cpu_fails_before_any_work_saying_what_to_
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # each rank says it
     assert "add `--use_cpu true`" in result.stderr
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- input and messages
+
+
+def test_dpo_command_without_a_model_says_to_give_one(tmp_path):
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", ARITHMETIC_ROWS)
+    argv = ["dpo", "--dataset_name", str(data.parent), "--output_dir", str(tmp_path / "out"), *COMMON_FLAGS]
+    with pytest.raises(ValueError, match=re.escape("`--model_name_or_path` is required: the model to train")):
+        cli.main(argv)
+
+
+RATED_ROWS = [
+    {"instruction": "2+2?", "completions": [{"output": "4", "score": 0.9}, {"output": "5", "score": 0.2}]},
+    {"instruction": "3+3?", "completions": [{"output": "6", "score": 0.8}]},  # one response: dropped
+    {"instruction": "1+1?", "completions": [{"output": "2", "score": 1}, {"output": "3", "score": 0}]},
+]
+
+
+def test_convert_rated_writes_k_rejected_rows_and_counts_the_dropped_ones(tmp_path, capsys, caplog):
+    source, output = write_jsonl(tmp_path / "rated.jsonl", RATED_ROWS), tmp_path / "rows.jsonl"
+    with caplog.at_level("WARNING", logger="trl_dpo_ext.convert"):
+        assert cli.main(["convert", "rated", str(source), str(output), "--num_rejected", "1"]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert rows == rated_to_multi_rejected(RATED_ROWS, num_rejected=1)
+    assert [row["rejected"] for row in rows] == [["5"], ["3"]]
+    assert "Wrote 2 rows of 3" in capsys.readouterr().out
+    assert "rated_to_multi_rejected dropped 1 of 3 rows:\n  1 with a single response (rows 1)" in caplog.text
+
+
+def test_convert_pairwise_groups_rows_sharing_prompt_and_chosen(tmp_path):
+    pairs = [{"prompt": "2+2=", "chosen": " 4", "rejected": r} for r in (" 5", " 22")]
+    source, output = write_jsonl(tmp_path / "pairs.jsonl", pairs), tmp_path / "rows.jsonl"
+    assert cli.main(["convert", "pairwise", str(source), str(output)]) == 0
+    assert [json.loads(line) for line in output.read_text().splitlines()] == [
+        {"prompt": "2+2=", "chosen": " 4", "rejected": [" 5", " 22"]}
+    ]
+
+
+def test_dpo_on_a_rated_file_points_to_convert(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "rated" / "train.jsonl", RATED_ROWS)
+    argv = ["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data.parent)]
+    with pytest.raises(ValueError, match=re.escape("`trl-dpo-ext convert rated IN OUT --num_rejected K`")):
+        cli.main([*argv, "--output_dir", str(tmp_path / "out"), *COMMON_FLAGS])
+
+
+def test_top_level_help_says_report_reads_a_record(capsys):
+    assert cli.main([]) == 0
+    assert "report" in (out := capsys.readouterr().out) and "grad_weights.jsonl" in out
+
+
+def test_a_dpo_run_with_trls_defaults_on_a_cpu_prints_no_deprecation_nor_pin_memory_warning(
+    no_bf16_gpu, model_dir, tmp_path, capsys
+):
+    import warnings
+
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", ARITHMETIC_ROWS[:4])
+    flags = ["--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no", "--max_steps", "1"]
+    argv = ["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data.parent), *flags]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main([*argv, "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]) == 0
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "checkpointing" in m or "pin_memory" in m], messages
+    assert "(trained in one process)" in capsys.readouterr().out

@@ -2,12 +2,15 @@
 
 import gzip
 import json
+import re
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, make_args, policy_and_ref
 from datasets import Dataset
 
-from trl_dpo_ext.convert import group_pairwise, load_preference_dataset, rated_to_multi_rejected
+from trl_dpo_ext import DPOTrainer
+from trl_dpo_ext.convert import group_pairwise, load_preference_dataset, normalize_rows, rated_to_multi_rejected
+from trl_dpo_ext.quickstart import char_tokenizer
 
 
 def rated(instruction, *scored):
@@ -222,7 +225,9 @@ def test_group_pairwise_errors_name_the_row_and_column():
         group_pairwise([{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c"}])
     with pytest.raises(ValueError, match=r"Row 0, column 'chosen': expected a str or a list of messages, got int"):
         group_pairwise([{"prompt": "p", "chosen": 3, "rejected": "r"}])
-    with pytest.raises(ValueError, match=r"Row 0, column 'rejected': expected a response or a non-empty list"):
+    with pytest.raises(
+        ValueError, match=r"Row 0, column 'rejected': expected a str or a non-empty list\[str\], got empty list"
+    ):
         group_pairwise([{"prompt": "p", "chosen": "c", "rejected": []}])
 
 
@@ -234,3 +239,33 @@ def test_load_preference_dataset_reads_a_jsonl_file_and_a_folder_of_splits(tmp_p
     assert load_preference_dataset(str(tmp_path / "single.jsonl"))["train"].to_list() == rows
     folder = load_preference_dataset(str(tmp_path / "folder"))
     assert set(folder) == {"train", "test"} and folder["test"].to_list() == rows
+
+
+# ---------------------------------------------------------------------------------------------- row lists
+
+MIXED_ROWS = [
+    {"prompt": "2+2=", "chosen": " 4", "rejected": " 5", "scores": [1, 0]},
+    {"prompt": "3+3=", "chosen": " 6", "rejected": [" 5", " 33"], "scores": [0.9, 0.2, 0.1]},
+]
+
+
+def test_normalize_rows_makes_rows_whose_k_varies_fit_one_dataset():
+    rows = normalize_rows(MIXED_ROWS)
+    assert [row["rejected"] for row in rows] == [[" 5"], [" 5", " 33"]]
+    assert Dataset.from_list(rows)["scores"] == [[1.0, 0.0], [0.9, 0.2, 0.1]]
+    assert MIXED_ROWS[0]["rejected"] == " 5"  # the input is left as it was
+
+
+def test_normalize_rows_names_a_score_given_as_a_string():
+    rows = [MIXED_ROWS[0], {**MIXED_ROWS[1], "scores": "0.9, 0.2, 0.1"}]
+    with pytest.raises(ValueError, match=re.escape("Row 1, column 'scores': expected a list of finite numbers")):
+        normalize_rows(rows)
+
+
+def test_the_trainer_takes_a_list_of_rows_whose_k_varies(tmp_path):
+    tokenizer = char_tokenizer()
+    policy, ref_model = policy_and_ref(tokenizer)
+    args = make_args(tmp_path)
+    trainer = DPOTrainer(policy, ref_model, args, train_dataset=MIXED_ROWS, processing_class=tokenizer)
+    assert trainer.train_dataset["num_rejected"] == [1, 2]
+    assert trainer.train_dataset["scores"] == [[1.0, 0.0], [0.9, 0.2, 0.1]]

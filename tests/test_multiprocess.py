@@ -89,7 +89,14 @@ def test_two_processes_of_batch_2_match_one_process_of_batch_4(runs, model_dir, 
         assert two["distributed_type"] == "MULTI_CPU" and not two["fully_sharded"]
     assert len(one["losses"]) == 3
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-6, rtol=1e-5)
-    assert two["accuracies"] == pytest.approx(one["accuracies"])
+    for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "grad_weight/mean", "grad_weight_eff/mean"):
+        assert len(one[key]) == 3, key
+        torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), atol=1e-5, rtol=1e-4, msg=key)
+    # At step 1 the policy is the reference: every margin is 0 up to float noise, and `rewards/accuracies` (the share
+    # of margins > 0) counts that noise, which differs with the process layout and the torch build. Compare it only
+    # once the margins are real.
+    assert one["rewards/margins"][0] == pytest.approx(0.0, abs=1e-5)
+    assert two["accuracies"][1:] == pytest.approx(one["accuracies"][1:])
     assert one["losses"][-1] < one["losses"][0], "the steps train"
     if setting == "sft_ref_init":  # the SFT stage shards the same way
         assert len(one["sft_losses"]) == 2

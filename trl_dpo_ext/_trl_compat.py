@@ -14,6 +14,8 @@ import contextlib
 import logging
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trl
 from packaging.version import Version
@@ -50,8 +52,10 @@ from trl.cli.accelerate_config import resolve_accelerate_config_argument  # noqa
 from trl.data_utils import _tokenize as tokenize  # noqa: F401
 from trl.data_utils import common_prefix_length  # noqa: F401
 
-# - `disable_gradient_checkpointing(model, kwargs)`: a context manager TRL uses around its reference forward.
-from trl.models.utils import disable_gradient_checkpointing  # noqa: F401
+# - `disable_gradient_checkpointing(model, kwargs)`: a context manager TRL uses around its reference forward. It calls
+#   `is_gradient_checkpointing`, `gradient_checkpointing_disable`/`_enable`, which transformers 5.25 deprecates for
+#   `activation_checkpointing*` (a FutureWarning each, every step): those three, by message, are silenced around it.
+from trl.models.utils import disable_gradient_checkpointing as _trl_disable_gradient_checkpointing
 
 # - `pad(tensors, padding_value, padding_side, pad_to_multiple_of)`: TRL's collator padding.
 # - `get_config_model_id(config)`: the model id TRL names a default output folder and processor after.
@@ -65,6 +69,17 @@ from trl.trainer.utils import (  # noqa: F401
     pad,
     use_adapter,
 )
+
+
+_CHECKPOINTING_DEPRECATION = r"`(is_gradient_checkpointing|gradient_checkpointing_(disable|enable))` is deprecated"
+
+
+@contextmanager
+def disable_gradient_checkpointing(model, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CHECKPOINTING_DEPRECATION, category=FutureWarning)
+        with _trl_disable_gradient_checkpointing(model, gradient_checkpointing_kwargs):
+            yield
 
 
 # The package data of `trl dpo --accelerate_config NAME`: one `<NAME>.yaml` per packaged accelerate config

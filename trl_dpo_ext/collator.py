@@ -20,6 +20,12 @@ def set_pad_token(args, processing_class):
     must be in the vocabulary; set on the tokenizer, which is returned (the trainer mirrors it onto the model)."""
     tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
     pad_token = getattr(args, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is None:  # else TRL's message below names a `pad_token` ('None') the user never set
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token, so nothing pads the "
+            "batches. Set one of its tokens as the pad token (`tokenizer.pad_token = ...`), or add one "
+            "(`tokenizer.add_special_tokens({'pad_token': '<pad>'})`, then `model.resize_token_embeddings(len(tokenizer))`)."
+        )
     if pad_token not in tokenizer.get_vocab():
         raise ValueError(
             f"The specified `pad_token` ('{pad_token}') is not found in the vocabulary of the given "

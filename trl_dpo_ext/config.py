@@ -11,6 +11,7 @@ import torch
 import trl
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
+from .guards import check_on_nonfinite
 from .loss_spec import LossSpec
 from .losses import REJECTED_REDUCTIONS
 from .packing.spec import PackingSpec
@@ -120,10 +121,26 @@ class DPOConfig(trl.DPOConfig):
             drops the lines of the steps after it, and a fresh run starts an empty file. Read it with
             `trl-dpo-ext report`. The `grad_weight/...` metrics are logged either way.
 
+        > Parameters that control the non-finite checks (see `docs/diagnostics.md`)
+
+        on_nonfinite (`str`, *optional*, defaults to `"stop"`):
+            What a training step with a NaN or infinite loss, implicit reward, gradient or trainable parameter does:
+            `"stop"` raises `NonFiniteTrainingError` naming the step and the rows, before the step is logged or
+            saved; `"warn"` logs the same message and training goes on.
+
+        > Parameters that control resuming
+
+        resume_allow_changes (`bool`, *optional*, defaults to `False`):
+            Whether a run may resume from a checkpoint saved with another loss (`rejected_reduction`, `beta`, the loss
+            types and their settings) or other training data (its rows, its numbers of rejected K). Each checkpoint
+            records them in `run_identity.json`; by default a difference is an error naming the field, its saved and
+            its new value. `True` logs the differences and resumes.
+
     > [!NOTE]
     > One default differs from [`trl.DPOConfig`]: `bf16`, when not set, is `False` on a machine without bf16 support
     > (no bf16-capable GPU or TPU, and `use_cpu=False`), where TRL's `True` fails in `transformers`; one line is logged.
     > Elsewhere it is TRL's (`True` if `fp16` is not set), and an explicit `bf16=True` keeps TRL's behaviour.
+    > `dataloader_pin_memory` is `False` on a machine without an accelerator (torch would warn that it is unused).
     """
 
     rejected_reduction: str = field(
@@ -207,6 +224,22 @@ class DPOConfig(trl.DPOConfig):
         },
     )
 
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A step with a NaN or infinite loss, reward, gradient or parameter: 'stop' (raise, naming the step "
+            "and rows, before it is saved) or 'warn'.",
+            "choices": ["stop", "warn"],
+        },
+    )
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint saved with another loss (reduction, beta, ...) or other training data "
+            "(rows, K): logged instead of an error."
+        },
+    )
+
     def _check_ref_init(self) -> None:
         if self.ref_init not in (None, "sft_on_chosen"):
             raise ValueError(f"`ref_init` must be None or 'sft_on_chosen', got {self.ref_init!r}.")
@@ -247,6 +280,16 @@ class DPOConfig(trl.DPOConfig):
                 f"{device}. Set `bf16=True` and `use_cpu=True` for bf16 autocast on the CPU."
             )
 
+    def _cpu_and_checkpointing_defaults(self) -> None:
+        # TRL's default `gradient_checkpointing=True` is under the name transformers 5.25 deprecates (a FutureWarning
+        # in every run): pass the default on under the new name. A `gradient_checkpointing` set by hand still warns.
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is True:
+            self.activation_checkpointing = True
+        # Pinned memory needs an accelerator: on a CPU, torch warns in every run that it is not used
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
+            logger.info("No accelerator found, so `dataloader_pin_memory` is False (pinned memory needs one).")
+
     def _check_packing(self) -> None:
         PackingSpec.from_config(self)  # every packing rule raises there, at construction
         if self.token_budget is not None and not self.padding_free:
@@ -272,8 +315,10 @@ class DPOConfig(trl.DPOConfig):
 
     def __post_init__(self):
         self._default_bf16()
+        self._cpu_and_checkpointing_defaults()
         super().__post_init__()
         self._check_ref_init()
         self._check_packing()
+        check_on_nonfinite(self.on_nonfinite)
         # Every rule on which loss combinations are meaningful lives in the spec, which raises here
         LossSpec.from_config(self)

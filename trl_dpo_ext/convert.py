@@ -7,6 +7,8 @@
   takes), whatever `selection` keeps; the scores are kept in a `scores` column aligned with them, the chosen's first.
 - `group_pairwise`: pairwise rows (TRL's `{"prompt", "chosen", "rejected"}`) that share their prompt and chosen to
   one row whose `rejected` is the list of their rejected.
+- `normalize_rows`: a list of row dicts whose `rejected` is one response in some rows and a list in others (or whose
+  `scores` mix ints and floats) made uniform for `Dataset.from_list`; the trainer takes such a list too.
 - `load_preference_dataset`: a Hub id, or a local folder or file of JSON lines, as a `datasets.DatasetDict`.
 
 Each takes a `list[dict]` or a `datasets.Dataset` and returns the same kind. Every check names the row and the column.
@@ -32,7 +34,14 @@ from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .rows import is_messages, type_name
+from .rows import (
+    check_scores,
+    is_conversational_row,
+    parse_text_row,
+    rejected_as_list,
+    rejected_ids_as_list,
+    type_name,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -239,13 +248,6 @@ def _key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _check_response(value: Any, idx: int, column: str) -> None:
-    if not (isinstance(value, str) or is_messages(value)):
-        raise ValueError(
-            f"Row {idx}, column '{column}': expected a str or a list of messages, got {type_name(value)}."
-        )
-
-
 def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
     """Pairwise rows that share their prompt and chosen, grouped into one row with the list of their rejected.
 
@@ -255,30 +257,13 @@ def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
     rejected keep their order and duplicates are dropped. `max_rejected` keeps the first ones.
     Other columns are not carried over (they may differ between the rows of a group).
     """
-    from trl import extract_prompt
-
     if max_rejected is not None and max_rejected < 1:
         raise ValueError(f"`max_rejected` must be at least 1 (or None for all), got {max_rejected}.")
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for idx, row in enumerate(_rows(data)):
-        for column in ("chosen", "rejected"):
-            if column not in row:
-                raise ValueError(f"Row {idx}, column '{column}': missing (columns: {sorted(row)}).")
-        rejected = row["rejected"]
-        rejected_list = rejected if isinstance(rejected, list) and not is_messages(rejected) else [rejected]
-        if not rejected_list:
-            raise ValueError(f"Row {idx}, column 'rejected': expected a response or a non-empty list, got empty list.")
-        _check_response(row["chosen"], idx, "chosen")
-        for item in rejected_list:
-            _check_response(item, idx, "rejected")
-        if "prompt" in row and row["prompt"] is not None:
-            _check_response(row["prompt"], idx, "prompt")
-            prompt, chosen = row["prompt"], row["chosen"]
-        else:  # implicit prompt: the longest shared start of chosen and each rejected
-            split = [extract_prompt({"chosen": row["chosen"], "rejected": r}) for r in rejected_list]
-            prompt = min((s["prompt"] for s in split), key=len)
-            chosen = row["chosen"][len(prompt) :]
-            rejected_list = [r[len(prompt) :] for r in rejected_list]
+        if row.get("prompt") is None:  # no prompt (or None, as `Dataset.from_list` fills a missing key): implicit
+            row = {key: value for key, value in row.items() if key != "prompt"}
+        prompt, chosen, rejected_list, _, _ = parse_text_row(row, idx)
         group = groups.setdefault(
             (_key(prompt), _key(chosen)), {"prompt": prompt, "chosen": chosen, "rejected": [], "_seen": set()}
         )
@@ -291,6 +276,37 @@ def group_pairwise(data: Rows, max_rejected: int | None = None) -> Rows:
         for g in groups.values()
     ]
     return _same_kind(out, data)
+
+
+# ---------------------------------------------------------------------------------------------- row lists
+
+
+def normalize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as `Dataset.from_list` can hold them, whatever each one gives: `rejected` (or `rejected_ids`) always a
+    list of responses, so that K may vary by row (one response in a row and a list in another make pyarrow fail with
+    "cannot mix list and non-list"), and `scores` checked (1 + K finite numbers) and made floats. Errors name the row
+    and the column; other columns are kept as they are."""
+    out = []
+    for idx, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"Row {idx}: expected a dict of columns, got {type_name(row)}.")
+        row = dict(row)
+        num_rejected = None
+        if row.get("rejected_ids") is not None:
+            row["rejected_ids"] = rejected_ids_as_list(row["rejected_ids"], idx)
+            num_rejected = len(row["rejected_ids"])
+        elif row.get("rejected") is not None:
+            row["rejected"] = rejected_as_list(row["rejected"], is_conversational_row(row), idx)
+            num_rejected = len(row["rejected"])
+        if num_rejected is not None:
+            row.update(check_scores(row, num_rejected, idx))
+        out.append(row)
+    return out
+
+
+def rows_as_dataset(data: Any) -> Any:
+    """A list of row dicts as a `Dataset` (through `normalize_rows`); anything else unchanged."""
+    return Dataset.from_list(normalize_rows(data)) if isinstance(data, list) else data
 
 
 # ------------------------------------------------------------------------------------------------ loading

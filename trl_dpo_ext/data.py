@@ -18,56 +18,40 @@ from typing import Any
 from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor
-from trl import extract_prompt
 
 from ._trl_compat import common_prefix_length, get_config_model_id, global_then_local_main_first, tokenize
+from .messages import chat_roles
 from .packing.spec import PackingSpec
 from .rows import (
-    TEXT_COLUMNS,
     TOKENIZED_COLUMNS,
     RowLimits,
-    check_chosen_text,
     check_ids,
-    check_row_kind,
     check_scores,
     checked_ids,
     first_rows,
+    in_dataset,
     is_conversational_row,
-    is_messages,
-    listed_order_warning,
     missing_columns,
-    rejected_as_list,
+    parse_text_row,
     rejected_ids_as_list,
     require_values,
-    row_error,
     row_warnings,
     rows_filling_max_length,
-    scores_order_warnings,
 )
+from .score_checks import listed_order_warning, scores_order_warnings
 
 
 logger = get_logger(__name__)
 
 
-def extract_prompt_multi(example: dict[str, Any], idx: int = 0, conversational: bool | None = None) -> dict[str, Any]:
+def extract_prompt_multi(
+    example: dict[str, Any], idx: int = 0, conversational: bool | None = None, roles: frozenset[str] | None = None
+) -> dict[str, Any]:
     """`trl.extract_prompt` for a list of rejected: the prompt is the shortest of the chosen's common prefixes with
     each rejected. With one rejected it is exactly `trl.extract_prompt`. `conversational`: the dataset's kind, which
-    the row must have (None: not checked)."""
-    require_values(example, TEXT_COLUMNS, idx)
-    check_row_kind(example, idx, conversational)
-    conversational = is_messages(example["chosen"])
-    if not conversational and not isinstance(example["chosen"], str):
-        raise row_error(idx, "chosen", "a str or a list of messages", example["chosen"])
-    rejected = example["rejected"]
-    candidates = rejected_as_list(rejected, conversational, idx)
-    many = candidates is rejected  # given as a list of responses, rather than as one response
-    prompt_len = min(len(extract_prompt({"chosen": example["chosen"], "rejected": r})["prompt"]) for r in candidates)
-    stripped = [r[prompt_len:] for r in candidates]
-    return {
-        "prompt": example["chosen"][:prompt_len],
-        "chosen": example["chosen"][prompt_len:],
-        "rejected": stripped if many else stripped[0],
-    }
+    the row must have (None: not checked). The row is checked (`rows.parse_text_row`, with `roles`)."""
+    row = parse_text_row({k: v for k, v in example.items() if k != "prompt"}, idx, conversational, roles)
+    return {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected if row.listed else row.rejected[0]}
 
 
 def tokenize_row(
@@ -77,38 +61,29 @@ def tokenize_row(
     eos_token: str | None,
     conversational: bool | None = None,
     limits: RowLimits | None = None,
+    roles: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """Validate one text row and tokenize it as TRL does, with each rejected tokenized after the same prompt.
 
     The completion starts where the tokenized prompt and the tokenized prompt+response diverge, taken over all the
     responses of the row (see `trl.data_utils.common_prefix_length`); with one rejected this is TRL's own rule.
     `conversational` is the dataset's kind, which the row must have (None: not checked); `limits` what its token ids
-    and truncation are checked against.
+    and truncation are checked against; `roles` the message roles of the chat template (`messages.chat_roles`).
     """
-    require_values(example, ("prompt", *TEXT_COLUMNS), idx)
-    conversational = check_row_kind(example, idx, conversational)
-    chosen = example["chosen"]
-    if conversational and not is_messages(chosen):
-        raise row_error(idx, "chosen", "a list of messages", chosen)
-    if not conversational and not isinstance(chosen, str):
-        raise row_error(idx, "chosen", "a str (or a list of messages)", chosen)
-    check_chosen_text(chosen, idx)
-    rejected = rejected_as_list(example["rejected"], conversational, idx)
-
+    require_values(example, ("prompt",), idx)
+    prompt, chosen, rejected, _, conversational = parse_text_row(example, idx, conversational, roles)
     if conversational:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-        prompt_ids = tokenize(processing_class, example["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
-        full_ids = [
-            tokenize(processing_class, example["prompt"] + r, **kwargs)["input_ids"] for r in [chosen, *rejected]
-        ]
+        prompt_ids = tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        full_ids = [tokenize(processing_class, prompt + r, **kwargs)["input_ids"] for r in [chosen, *rejected]]
     else:
         if eos_token is not None:  # as TRL: standard text ends with EOS, added once
             chosen = chosen if chosen.endswith(eos_token) else chosen + eos_token
             rejected = [r if r.endswith(eos_token) else r + eos_token for r in rejected]
-        prompt_ids = tokenize(processing_class, example["prompt"])["input_ids"]
-        full_ids = [tokenize(processing_class, example["prompt"] + r)["input_ids"] for r in [chosen, *rejected]]
+        prompt_ids = tokenize(processing_class, prompt)["input_ids"]
+        full_ids = [tokenize(processing_class, prompt + r)["input_ids"] for r in [chosen, *rejected]]
 
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
     ids = (prompt_ids[:prompt_len], full_ids[0][prompt_len:], [ids[prompt_len:] for ids in full_ids[1:]])
@@ -126,6 +101,16 @@ def check_tokenized_row(example: dict[str, Any], idx: int, limits: RowLimits | N
 
 
 # ---------------------------------------------------------------------------------------------- preparation
+
+
+def rated_rows_hint(column_names: list[str]) -> str:
+    """Rows of rated responses (UltraFeedback style) are not preference rows yet: say how to convert them."""
+    if "completions" not in column_names:
+        return ""
+    return (
+        " Its 'completions' column looks like rated responses: make one chosen and K rejected per row first, with "
+        "`trl-dpo-ext convert rated IN OUT --num_rejected K` or `trl_dpo_ext.convert.rated_to_multi_rejected`."
+    )
 
 
 def model_id(model) -> str:
@@ -169,7 +154,7 @@ def prepare_preference_dataset(
         raise ValueError(
             f"The {dataset_name} dataset has no column {missing} (columns: {column_names}). A preference "
             "dataset needs 'chosen' and 'rejected' (text, with an optional 'prompt'), or 'prompt_ids', "
-            "'chosen_ids' and 'rejected_ids' (pre-tokenized)."
+            "'chosen_ids' and 'rejected_ids' (pre-tokenized)." + rated_rows_hint(column_names)
         )
     map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
 
@@ -179,7 +164,7 @@ def prepare_preference_dataset(
     # The ranking of `plackett_luce` puts the chosen first: a rejected scored above it is an error in that row
     chosen_first = loss_spec.reduction == "plackett_luce"
     limits = RowLimits(vocab_size, max_length, args.truncation_mode, chosen_first)
-    with global_then_local_main_first():
+    with global_then_local_main_first(), in_dataset(dataset_name):
         if tokenized:
             dataset = dataset.map(
                 check_tokenized_row, with_indices=True, fn_kwargs={"limits": limits}, **map_kwargs, **desc("Checking")
@@ -192,15 +177,16 @@ def prepare_preference_dataset(
                 dataset = dataset.map(
                     extract_prompt_multi,
                     with_indices=True,
-                    fn_kwargs={"conversational": conversational},
+                    fn_kwargs={"conversational": conversational, "roles": chat_roles(processing_class)},
                     **map_kwargs,
                     **desc("Extracting prompt from"),
                 )
             fn_kwargs = {"processing_class": processing_class, "eos_token": None if conversational else eos_token}
+            roles = chat_roles(processing_class)
             dataset = dataset.map(
                 tokenize_row,
                 with_indices=True,
-                fn_kwargs={**fn_kwargs, "conversational": conversational, "limits": limits},
+                fn_kwargs={**fn_kwargs, "conversational": conversational, "limits": limits, "roles": roles},
                 **map_kwargs,
                 **desc("Tokenizing"),
             )
@@ -248,17 +234,10 @@ SFT_EXTRA_COLUMNS = ("tools", "chat_template_kwargs")
 def _check_text_row(example: dict[str, Any], idx: int, conversational: bool | None = None) -> dict[str, Any]:
     """Validate a text row as the DPO trainer will (so a bad row fails before the SFT stage, not after it), and keep
     the prompt and the chosen as SFTTrainer's prompt-completion pair. `conversational`: the dataset's kind."""
-    require_values(example, ("prompt", *TEXT_COLUMNS), idx)
-    check_row_kind(example, idx, conversational)
-    conversational = is_messages(example["chosen"])
-    if not conversational and not isinstance(example["chosen"], str):
-        raise ValueError(
-            f"Row {idx}, column 'chosen': expected a str or a list of messages, got {type(example['chosen']).__name__}."
-        )
-    check_chosen_text(example["chosen"], idx)
-    rejected = rejected_as_list(example["rejected"], conversational, idx)
+    require_values(example, ("prompt",), idx)
+    prompt, chosen, rejected, _, _ = parse_text_row(example, idx, conversational)
     check_scores(example, len(rejected), idx)
-    row = {"prompt": example["prompt"], "completion": example["chosen"]}
+    row = {"prompt": prompt, "completion": chosen}
     for column in SFT_EXTRA_COLUMNS:
         if column in example:
             row[column] = example[column]

@@ -23,7 +23,8 @@ Symbols and shapes as in `trl_dpo_ext.losses`: B examples, K the largest number 
 Logged keys (each averaged over the steps of a logging window by TRL's `log()`), for ``P`` = ``grad_weight`` (w) and
 ``grad_weight_eff`` (e): ``P/mean``, ``P/max``, ``P/p10``, ``P/p50``, ``P/p90`` (quantiles over the pairs of all
 processes), ``P/frac_above_0.5``, ``P/frac_below_0.05``, and ``P/rank_k``, the mean over the examples that have a k-th
-rejected, when K > 1. Every key is defined in ``docs/diagnostics.md``.
+rejected, when K > 1; and ``P/nonfinite``, the number of real pairs (the pair mask tells them from the padding) whose
+weight is NaN or infinite, left out of the others. Every key is defined in ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations
@@ -105,14 +106,24 @@ def effective_grad_weights(
 # -------------------------------------------------------------------------------------------------- statistics
 
 
-def weight_statistics(weights: torch.Tensor, prefix: str = GRAD_WEIGHT_PREFIX) -> dict[str, float]:
-    """Summary of one [N, K] tensor of pair weights (NaN = no pair): mean, max, quantiles, the shares of wrongly ranked
-    (> 0.5) and learned (< 0.05) pairs, and the mean at each rejected position k when K > 1. Keys are `prefix/...`.
+def weight_statistics(
+    weights: torch.Tensor, prefix: str = GRAD_WEIGHT_PREFIX, present: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Summary of one [N, K] tensor of pair weights: mean, max, quantiles, the shares of wrongly ranked (> 0.5) and
+    learned (< 0.05) pairs, and the mean at each rejected position k when K > 1. Keys are `prefix/...`.
 
-    Returns an empty dict when there is no pair. Everything is reduced on the weights' device and read back in one
-    transfer (one host sync per call, where indexing the present pairs and reading each value would cost one each).
+    `present` (bool [N, K]) marks the real pairs; the others are padding. With it, a real pair whose weight is NaN or
+    infinite (a diverged step) is not padding: it is counted in `prefix/nonfinite` (always returned) and left out of
+    the other statistics. Without it, NaN marks the padding (the public helpers' convention).
+
+    Returns no other key when there is no finite pair. Everything is reduced on the weights' device and read back in
+    one transfer (one host sync per call, where indexing the present pairs and reading each value would cost one each).
     """
     weights = weights.detach().double()
+    nonfinite = None
+    if present is not None:
+        nonfinite = (present & ~torch.isfinite(weights)).sum().double()
+        weights = weights.masked_fill(~(present & torch.isfinite(weights)), float("nan"))
     present = ~torch.isnan(weights)
     count = present.sum()
     filled = weights.nan_to_num(0.0)
@@ -126,19 +137,21 @@ def weight_statistics(weights: torch.Tensor, prefix: str = GRAD_WEIGHT_PREFIX) -
             *quantiles,
             ((weights > WRONG_THRESHOLD) & present).sum() / count,
             ((weights < LEARNED_THRESHOLD) & present).sum() / count,
+            *([] if nonfinite is None else [nonfinite]),
         ]
     )
     ranks = filled.sum(dim=0) / present.sum(dim=0)  # NaN where no example has a k-th rejected
     host = torch.cat([totals, ranks]).tolist()
-    if host[0] == 0:
-        return {}
     names = ["mean", "max", *QUANTILES, f"frac_above_{WRONG_THRESHOLD}", f"frac_below_{LEARNED_THRESHOLD}"]
+    counts = {} if nonfinite is None else {f"{prefix}/nonfinite": host[1 + len(names)]}
+    if host[0] == 0:
+        return counts
     stats = {f"{prefix}/{name}": value for name, value in zip(names, host[1 : 1 + len(names)], strict=True)}
     if weights.size(1) > 1:
-        for k, value in enumerate(host[1 + len(names) :]):
+        for k, value in enumerate(host[len(totals) :]):
             if not math.isnan(value):
                 stats[f"{prefix}/rank_{k}"] = value
-    return stats
+    return {**stats, **counts}
 
 
 def gather_pair_values(
@@ -170,16 +183,36 @@ def record_path(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / RECORD_FILENAME
 
 
-def _rounded(row: torch.Tensor) -> list[float]:
-    # Six decimals keep a line short; NaN marks the padding of shorter rows and is dropped
-    return [round(v, 6) for v in row.tolist() if not math.isnan(v)]
+def _rounded(row: torch.Tensor, present: torch.Tensor | None = None) -> list[float | None]:
+    # Six decimals keep a line short; padding (not `present`; NaN without a mask) is dropped, and a real pair's NaN or
+    # infinite weight is written as null, which JSON can hold
+    if present is None:
+        present = ~torch.isnan(row)
+    return [
+        round(v, 6) if math.isfinite(v) else None for v, p in zip(row.tolist(), present.tolist(), strict=True) if p
+    ]
 
 
-def format_record(index: torch.Tensor, step: int, epoch: int, weights: torch.Tensor, effective: torch.Tensor) -> str:
-    """JSON lines, one per row: `{"index", "step", "epoch", "grad_weight": [w_k], "grad_weight_eff": [e_k]}`."""
+def format_record(
+    index: torch.Tensor,
+    step: int,
+    epoch: int,
+    weights: torch.Tensor,
+    effective: torch.Tensor,
+    present: torch.Tensor | None = None,
+) -> str:
+    """JSON lines, one per row: `{"index", "step", "epoch", "grad_weight": [w_k], "grad_weight_eff": [e_k]}`, with
+    one value per real pair (`present`, bool [N, K]; NaN marks padding without it) and null for a non-finite one."""
     lines = []
-    for i, w, e in zip(index.tolist(), weights.cpu(), effective.cpu(), strict=True):
-        line = {"index": i, "step": step, "epoch": epoch, "grad_weight": _rounded(w), "grad_weight_eff": _rounded(e)}
+    masks = present.cpu() if present is not None else [None] * len(weights)
+    for i, w, e, m in zip(index.tolist(), weights.cpu(), effective.cpu(), masks, strict=True):
+        line = {
+            "index": i,
+            "step": step,
+            "epoch": epoch,
+            "grad_weight": _rounded(w, m),
+            "grad_weight_eff": _rounded(e, m),
+        }
         lines.append(json.dumps(line, separators=(",", ":")) + "\n")
     return "".join(lines)
 
@@ -262,7 +295,7 @@ class GradWeightHistogramCallback(TrainerCallback):
     def add(self, weights: torch.Tensor, effective: torch.Tensor) -> None:
         for name, values in ((GRAD_WEIGHT_PREFIX, weights), (EFFECTIVE_PREFIX, effective)):
             values = values.detach().float().flatten().cpu()
-            self.buffers[name].append(values[~torch.isnan(values)])
+            self.buffers[name].append(values[torch.isfinite(values)])
 
     def _drain(self) -> dict[str, torch.Tensor]:
         values = {name: torch.cat(parts) for name, parts in self.buffers.items() if parts}
@@ -355,17 +388,21 @@ class GradWeightDiagnostics:
                 f"`DataCollatorForMultiRejectedPreference` adds; the batch has keys {sorted(inputs)}. Use the default "
                 "collator, or a collator that passes the 'dataset_index' column through."
             )
+        # The mask travels with the weights: a NaN weight of a real pair (a diverged step) is not padding
+        present = logps.rejected_mask.to(weights.dtype)
         pairs, index = gather_pair_values(
-            accelerator, torch.stack([weights, effective], dim=2), inputs[INDEX_COLUMN] if record else None
+            accelerator, torch.stack([weights, effective, present], dim=2), inputs[INDEX_COLUMN] if record else None
         )
+        present = pairs[..., 2] == 1  # padding added by the gather is NaN
         metrics = {
-            **weight_statistics(pairs[..., 0], GRAD_WEIGHT_PREFIX),
-            **weight_statistics(pairs[..., 1], EFFECTIVE_PREFIX),
+            **weight_statistics(pairs[..., 0], GRAD_WEIGHT_PREFIX, present),
+            **weight_statistics(pairs[..., 1], EFFECTIVE_PREFIX, present),
         }
         if train and self.histogram is not None:
             self.histogram.add(pairs[..., 0], pairs[..., 1])
         if record and accelerator.is_main_process:
             # The update this batch enters is step global_step + 1; a resumed run truncates the steps after its own
-            text = format_record(index, state.global_step + 1, int(state.epoch or 0), pairs[..., 0], pairs[..., 1])
+            step, epoch = state.global_step + 1, int(state.epoch or 0)
+            text = format_record(index, step, epoch, pairs[..., 0], pairs[..., 1], present)
             append_record(self.record_path, text)
         return metrics

@@ -168,7 +168,9 @@ def verify(folder: str | os.PathLike, *, logits: bool = False) -> dict:
         raise ValueError(f"{folder} is not a SmolLM2 folder made by trl_dpo_ext (no valid {MARKER}).")
     marker = json.loads((folder / MARKER).read_text())
     actual = _folder_checksums(folder)
-    changed = sorted(n for n in set(actual) | set(marker["files_sha256"]) if actual.get(n) != marker["files_sha256"].get(n))
+    changed = sorted(
+        n for n in set(actual) | set(marker["files_sha256"]) if actual.get(n) != marker["files_sha256"].get(n)
+    )
     if changed:
         raise ValueError(
             f"The files {changed} of {folder} differ from those written with it (SHA-256, or missing or new). "

@@ -66,6 +66,76 @@ def _resolve_record(path: str | os.PathLike) -> Path:
     return path
 
 
+RECORD_KEYS = ("index", "step", "grad_weight")
+EXPECTED_RECORD = (
+    "expected the JSON lines that `DPOConfig(grad_weight_record=True)` writes, one object per row and step with keys "
+    '"index", "step", "epoch", "grad_weight" and "grad_weight_eff"'
+)
+
+
+def load_record(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a gradient-weight record; a file that is not one (a figure, a CSV, other JSON) is an error that says
+    what was expected and what was found."""
+    path = _resolve_record(path)
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        if len(head) < 4096 or b"\0" in head:  # not a text cut mid-character by the 4096 bytes
+            raise ValueError(f"{path} is not a gradient-weight record: {EXPECTED_RECORD}; got binary data.") from None
+    try:
+        records = read_record(path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a gradient-weight record: {EXPECTED_RECORD}; got {error}") from None
+    for number, record in enumerate(records, start=1):
+        missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ValueError(
+                f"{path} is not a gradient-weight record: {EXPECTED_RECORD}; line {number} has no {missing}."
+            )
+    return records
+
+
+def nonfinite_rows(records: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Dataset row -> the recorded steps at which one of its weights was NaN or infinite (null in the record), or
+    missing altogether (records of versions that dropped them)."""
+    steps: dict[int, list[int]] = defaultdict(list)
+    for r in records:
+        weights = r["grad_weight"]
+        if not weights or any(w is None or not math.isfinite(w) for w in weights):
+            steps[r["index"]].append(r["step"])
+    return dict(steps)
+
+
+def _step_ranges(steps: list[int]) -> str:
+    steps, ranges = sorted(set(steps)), []
+    for step in steps:
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def check_finite(records: list[dict[str, Any]], path: str | os.PathLike = "the record") -> None:
+    """Fail, naming each row and its steps, when the record holds non-finite weights: the run diverged there, and a
+    ranking over them means nothing."""
+    bad = nonfinite_rows(records)
+    if not bad:
+        return
+    shown = [
+        f"row {index} at step{'s' if len(steps) > 1 else ''} {_step_ranges(steps)}"
+        for index, steps in sorted(bad.items())
+    ]
+    more = f"; and {len(shown) - 10} more rows" if len(shown) > 10 else ""
+    raise ValueError(
+        f"{path} has non-finite gradient weights (NaN or infinite: the training diverged) for {len(bad)} rows: "
+        f"{'; '.join(shown[:10])}{more}. Rerun with a lower `learning_rate`; `DPOConfig(on_nonfinite='stop')`, the "
+        "default, stops at the first such step."
+    )
+
+
 def _load_dataset(dataset: Any) -> Any:
     """A `datasets.Dataset` or a list of dicts as given, or the `train` split of a path (see `load_preference_dataset`)."""
     if dataset is None or not isinstance(dataset, (str, os.PathLike)):
@@ -102,9 +172,8 @@ def rank_rows(records: list[dict[str, Any]], last_fraction: float = 0.5) -> tupl
     window_start = math.floor(first_step - 1 + (1 - last_fraction) * (last_step - first_step + 1)) + 1
 
     per_row: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for number, r in enumerate(records, start=1):
-        if not r.get("grad_weight"):
-            raise ValueError(f"Record line {number} (row {r.get('index')}, step {r.get('step')}) has no weights.")
+    check_finite(records)
+    for r in records:
         w, e = _mean(r["grad_weight"]), _mean(r.get("grad_weight_eff") or [])
         row = per_row[r["index"]]
         row["all"].append(w)
@@ -233,9 +302,10 @@ def write_report(
         raise ValueError(f"`top_fraction` must be in (0, 1], got {top_fraction}.")
     _import_matplotlib()  # fail before any work if the figure cannot be drawn
     path = _resolve_record(record_path)
-    records = read_record(path)
+    records = load_record(path)
     if not records:
         raise ValueError(f"The record {path} is empty: no training step was recorded.")
+    check_finite(records, path)
     ranking, window_start = rank_rows(records, last_fraction)
     dataset = _load_dataset(dataset)
     if dataset is not None:
@@ -305,15 +375,22 @@ def make_parser(prog: str = "trl-dpo-ext report") -> argparse.ArgumentParser:
         default=0.5,
         help="share of the steps, the last ones, over which each row's weight is averaged (default 0.5)",
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (default: one line)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = make_parser().parse_args(argv)
-    output_dir = args.output_dir or _resolve_record(args.record).parent
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # printed below, with the ranking it is about
-        result = write_report(args.record, output_dir, args.dataset, args.top_fraction, args.last_fraction)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        output_dir = args.output_dir or _resolve_record(args.record).parent
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # printed below, with the ranking it is about
+            result = write_report(args.record, output_dir, args.dataset, args.top_fraction, args.last_fraction)
+    except Exception as error:  # one line, not a traceback (`--debug` for it)
+        if args.debug:
+            raise
+        parser.exit(1, f"{parser.prog}: error: {error} (--debug for the traceback)\n")
     print(f"Figure: {result['figure']}")
     print(f"Table:  {result['table']} ({result['num_rows']} rows, steps {result['steps'][0]}–{result['steps'][1]})")
     print(f"Top {len(result['top_indices'])} rows by mean weight over steps ≥ {result['window_start']}:")

@@ -8,13 +8,15 @@ the rules on their values live here; `data.py` tokenizes and prepares the rows, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from .messages import chat_roles, check_messages, check_response
 from .packing.truncation import truncate
 
 
@@ -25,8 +27,9 @@ INDEX_COLUMN = "dataset_index"
 
 
 def is_messages(value: Any) -> bool:
-    """Whether a value is one conversational response or prompt: a non-empty list of messages (dicts with a role)."""
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
+    """Whether a value is one conversational response or prompt: a non-empty list of messages (dicts). Their keys are
+    checked by `parse_text_row`, which names the message at fault."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) for m in value)
 
 
 def is_conversational_row(example: dict[str, Any]) -> bool:
@@ -40,6 +43,17 @@ def require_values(example: dict[str, Any], columns: tuple[str, ...], idx: int) 
     for column in columns:
         if example.get(column) is None:
             raise ValueError(f"Row {idx}, column '{column}': missing value (None).")
+
+
+@contextmanager
+def in_dataset(name: str) -> Iterator[None]:
+    """A row error raised inside names the dataset it comes from (`train`, `eval`, ...)."""
+    try:
+        yield
+    except ValueError as error:
+        if not str(error).startswith("Row ") or str(error).endswith(" dataset)"):
+            raise
+        raise ValueError(f"{error} (in the {name} dataset)") from None
 
 
 def type_name(value: Any) -> str:
@@ -102,19 +116,6 @@ def check_row_kind(example: dict[str, Any], idx: int, conversational: bool | Non
             "plain-text rows cannot be mixed in one dataset; convert them to one kind."
         )
     return kind
-
-
-def check_chosen_text(chosen: Any, idx: int) -> None:
-    """A chosen response with no text (an empty string, or messages with empty content) teaches nothing: only the
-    EOS or end-of-turn tokens would be scored."""
-    empty = (
-        chosen == "" if isinstance(chosen, str) else is_messages(chosen) and not any(m.get("content") for m in chosen)
-    )
-    if empty:
-        raise ValueError(
-            f"Row {idx}, column 'chosen': empty response {chosen!r}. A chosen response with no text teaches nothing "
-            "(only its end-of-sequence token would be scored); fix the row or drop it."
-        )
 
 
 def check_completion_ids(ids: list[int], idx: int, column: str, name: str) -> None:
@@ -208,6 +209,58 @@ def rejected_as_list(value: Any, conversational: bool, row: int, column: str = "
     raise row_error(row, column, "a str or a non-empty list[str]", value)
 
 
+class TextRow(NamedTuple):
+    """One checked text row: its prompt (given, or the shared start of its responses), its chosen, its K rejected as a
+    list, whether `rejected` was given as a list (rather than one response), and whether the row holds messages."""
+
+    prompt: Any
+    chosen: Any
+    rejected: list
+    listed: bool
+    conversational: bool
+
+
+def parse_text_row(
+    example: dict[str, Any], idx: int, conversational: bool | None = None, roles: frozenset[str] | None = None
+) -> TextRow:
+    """Check one text row and split it into a `TextRow`: every text check, for the DPO data, the SFT rows of
+    `ref_init`, image rows and the converter alike.
+
+    `conversational` is the dataset's kind, which the row must have (None: not checked); `roles` the message roles
+    allowed (`chat_roles`). A row without a `prompt` key has it extracted as `trl.extract_prompt` does, over every
+    rejected: the shortest of the chosen's shared starts with each. Errors name the row, the column, and the rejected
+    and the message at fault.
+    """
+    from trl import extract_prompt
+
+    require_values(example, TEXT_COLUMNS, idx)
+    conversational = check_row_kind(example, idx, conversational)
+    roles = chat_roles() if roles is None else roles
+    chosen = example["chosen"]
+    if not (is_messages(chosen) if conversational else isinstance(chosen, str)):
+        raise row_error(
+            idx, "chosen", "a list of messages" if conversational else "a str or a list of messages", chosen
+        )
+    rejected = rejected_as_list(example["rejected"], conversational, idx)
+    listed = rejected is example["rejected"]  # given as a list of responses, rather than as one response
+    if "prompt" in example:
+        require_values(example, ("prompt",), idx)
+        prompt = example["prompt"]
+    else:  # implicit: the shared start of the responses
+        length = min(len(extract_prompt({"chosen": chosen, "rejected": r})["prompt"]) for r in rejected)
+        prompt, chosen, rejected = chosen[:length], chosen[length:], [r[length:] for r in rejected]
+    if conversational and not isinstance(prompt, list):
+        raise row_error(idx, "prompt", "a list of messages", prompt)
+    if conversational:
+        check_messages(prompt, idx, "prompt", roles)
+    elif not isinstance(prompt, str):
+        raise row_error(idx, "prompt", "a str (or a list of messages)", prompt)
+    check_response(chosen, idx, "chosen", roles)
+    for k, response in enumerate(rejected):
+        check_response(response, idx, "rejected", roles, f"rejected {k}, " if listed else "")
+    return TextRow(prompt, chosen, rejected, listed, conversational)
+
+
 def check_ids(value: Any, row: int, column: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise row_error(row, column, "list[int]", value)
@@ -261,39 +314,6 @@ def check_scores(
                 "(or swap it so that the best-scored response is the chosen)."
             )
     return {"scores": [float(v) for v in scores]}
-
-
-def rows_with_chosen_below(scores: list[list[float]]) -> list[int]:
-    """Indices of the rows whose chosen is scored below at least one of its own rejected."""
-    return [i for i, row in enumerate(scores) if any(value > row[0] for value in row[1:])]
-
-
-def listed_order_warning(dataset_name: str) -> str:
-    return (
-        f"The {dataset_name} dataset has no 'scores' column: `rejected_reduction='plackett_luce'` takes each row's "
-        "'rejected' list in its listed order as the ranking, best first. Add the scores (as "
-        "`trl_dpo_ext.convert.rated_to_multi_rejected` does) to rank them by score."
-    )
-
-
-def scores_order_warnings(dataset: Dataset, dataset_name: str, reduction: str) -> list[str]:
-    """The convention: a row's `rejected` are in rank order, best first, and its chosen is above them all.
-
-    With a `scores` column, rows whose chosen is scored below one of its own rejected are counted in one warning
-    (deliberate, perhaps, for `infonca`/`nca` targets; `plackett_luce` has already raised on the first). Without one,
-    `plackett_luce` takes the listed order as the ranking, which one warning says.
-    """
-    if "scores" in dataset.column_names:
-        rows = rows_with_chosen_below(dataset["scores"])
-        if rows:
-            return [
-                f"{len(rows)} row(s) of the {dataset_name} dataset have a chosen scored below one of their own "
-                f"rejected in column 'scores' ({first_rows(rows)}). They are trained as given: the chosen is still "
-                "preferred to every rejected."
-            ]
-    elif reduction == "plackett_luce" and max(dataset["num_rejected"], default=1) > 1:
-        return [listed_order_warning(dataset_name)]
-    return []
 
 
 def dataset_index(example: dict[str, Any], idx: int) -> int:
@@ -355,32 +375,3 @@ def row_warnings(dataset: Dataset, dataset_name: str, max_length: int | None) ->
             "token of each response is then not scored, as nothing precedes it. TRL allows it; check the prompts."
         )
     return messages
-
-
-def check_ref_logps(ref_chosen: Any, ref_rejected: Any, num_rejected: int, idx: int) -> None:
-    """Precomputed reference log-probs of one row: one finite float for the chosen, one per rejected."""
-    if not isinstance(ref_chosen, (int, float)) or not math.isfinite(ref_chosen):
-        raise ValueError(f"Row {idx}, column 'ref_chosen_logps': expected a finite float, got {ref_chosen!r}.")
-    values = ref_rejected if isinstance(ref_rejected, list) else [ref_rejected]
-    if len(values) < num_rejected:
-        raise ValueError(
-            f"Row {idx}, column 'ref_rejected_logps': expected {num_rejected} values (one per rejected), got "
-            f"{len(values)}."
-        )
-    for k, value in enumerate(values[:num_rejected]):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(
-                f"Row {idx}, column 'ref_rejected_logps': expected a finite float for rejected {k}, got {value!r}."
-            )
-
-
-def check_ref_logps_columns(dataset: Dataset, name: str) -> None:
-    """The precomputed reference log-probs of every row of a prepared dataset (`check_ref_logps`)."""
-    columns = zip(dataset["ref_chosen_logps"], dataset["ref_rejected_logps"], dataset["rejected_ids"], strict=True)
-    # Rows are named by their position in the dataset given to the trainer, before any was dropped
-    indices = dataset[INDEX_COLUMN] if INDEX_COLUMN in dataset.column_names else range(len(dataset))
-    for idx, (ref_chosen, ref_rejected, rejected_ids) in zip(indices, columns, strict=True):
-        try:
-            check_ref_logps(ref_chosen, ref_rejected, len(rejected_ids), idx)
-        except ValueError as error:
-            raise ValueError(f"{error} (in the {name} dataset)") from None

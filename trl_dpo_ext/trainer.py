@@ -29,6 +29,7 @@ from ._trl_compat import (
 from .checkpoints import resolve_resume_checkpoint
 from .collator import DataCollatorForMultiRejectedPreference, mirror_pad_token
 from .config import DPOConfig, check_distributed_launch
+from .convert import rows_as_dataset
 from .data import load_processing_class, model_id, prepare_preference_dataset
 from .diagnostics import GradWeightDiagnostics
 from .distributed import share_in_memory_dataset
@@ -42,6 +43,7 @@ from .forward import (
     sequence_logps,
     wpo_pair_weights,
 )
+from .guards import NonFiniteGuard
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import ModelCardMixin
@@ -52,7 +54,10 @@ from .packing import (
     prepare_packed_models,
 )
 from .packing.spec import PackingSpec
-from .rows import INDEX_COLUMN, check_ref_logps_columns, model_vocab_size
+from .rows import INDEX_COLUMN, model_vocab_size
+from .run_identity import RunIdentityCallback
+from .score_checks import check_ref_logps_columns
+from .setup_checks import check_output_dir, check_reference_source
 from .vision import (
     DataCollatorForMultiRejectedVisionPreference,
     image_model_inputs,
@@ -94,7 +99,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         ref_model=None,
         args: trl.DPOConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
+        train_dataset: Dataset | IterableDataset | list[dict] | None = None,
         eval_dataset=None,
         processing_class=None,
         compute_metrics=None,
@@ -107,6 +112,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             args = DPOConfig(f"{model_id(model).split('/')[-1]}-DPO")
         args = DPOConfig.from_trl_config(args)  # once: every field is read from our config from here on
         check_distributed_launch(args)  # before any work: the SFT stage, the data, the models
+        check_output_dir(args.output_dir)
+        train_dataset, eval_dataset = rows_as_dataset(train_dataset), rows_as_dataset(eval_dataset)  # lists of dicts
         # Built (and validated) once; the loss and the gradient-weight diagnostics both use it
         self.loss_spec = LossSpec.from_config(args)
         self.rejected_reduction = self.loss_spec.reduction
@@ -140,6 +147,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             model, processing_class = init_from_sft_reference(
                 model, ref_model, train_dataset, processing_class, args, peft_config, quantization_config
             )
+        check_reference_source(model, ref_model, args, peft_config)
 
         # Every token id of the data must index a row of the model's input embedding (checked in `_prepare_dataset`)
         self._vocab_size = model_vocab_size(model, args)
@@ -181,6 +189,11 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         )
         for callback in self.grad_weight_diagnostics.callbacks():
             self.add_callback(callback)
+        # A non-finite step stops (or warns) before it is logged and saved (`guards.py`)
+        self.nonfinite_guard = NonFiniteGuard(getattr(args, "on_nonfinite", "stop"), self.accelerator, not args.fp16)
+        self.add_callback(self.nonfinite_guard)
+        self._run_identity = RunIdentityCallback()  # saved with each checkpoint, checked on resume
+        self.add_callback(self._run_identity)
 
     # ------------------------------------------------------------------ data
 
@@ -193,6 +206,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # A checkpoint whose save was interrupted is skipped: transformers would resume from the last one by number
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._run_identity.start(resume_from_checkpoint, self.loss_spec, self.train_dataset, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -273,6 +287,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         with torch.no_grad():
+            if mode == "train":
+                self.nonfinite_guard.observe_batch(inputs, loss, logps, spec.beta)
             self._log_metrics(mode, inputs, outputs, logps)
             weights = self.grad_weight_diagnostics.step(
                 self.accelerator, mode, inputs, logps, pair_weights, self.state

@@ -34,7 +34,7 @@ from trl import apply_chat_template, prepare_multimodal_messages
 
 from ._trl_compat import DataCollatorMixin, multimodal_rope_index
 from .collator import DataCollatorForMultiRejectedPreference, set_pad_token
-from .data import extract_prompt_multi
+from .messages import chat_roles
 from .packing import PAD_SEGMENT, pack_example
 from .packing.spec import PackingSpec
 from .packing.truncation import truncate
@@ -43,10 +43,7 @@ from .rows import (
     TEXT_COLUMNS,
     check_scores,
     identical_rejected_message,
-    is_conversational_row,
-    is_messages,
-    rejected_as_list,
-    require_values,
+    parse_text_row,
     row_error,
 )
 
@@ -91,25 +88,14 @@ class ImageRow(NamedTuple):
     responses: list[str]
 
 
-def row_responses(example: dict[str, Any], idx: int) -> tuple[Any, list, bool]:
-    """Check the text columns of an image row: its prompt, its responses (the chosen first), and whether it holds
-    messages. A row without `prompt` has it extracted from the shared start of the responses, as for text rows."""
-    require_values(example, TEXT_COLUMNS, idx)
+def row_responses(example: dict[str, Any], idx: int, roles: frozenset[str] | None = None) -> tuple[Any, list, bool]:
+    """Check the text columns of an image row (`rows.parse_text_row`): its prompt, its responses (the chosen first),
+    and whether it holds messages. A row without `prompt` (or with None) has it extracted from the shared start of the
+    responses, as for text rows."""
     if example.get("prompt") is None:
-        example = {**example, **extract_prompt_multi(example, idx)}
-    conversational = is_conversational_row(example)
-    prompt, chosen = example["prompt"], example["chosen"]
-    if conversational:
-        if not is_messages(prompt):
-            raise row_error(idx, "prompt", "a list of messages", prompt)
-        if not is_messages(chosen):
-            raise row_error(idx, "chosen", "a list of messages", chosen)
-    else:
-        if not isinstance(prompt, str):
-            raise row_error(idx, "prompt", "a str (with the processor's image token) or a list of messages", prompt)
-        if not isinstance(chosen, str):
-            raise row_error(idx, "chosen", "a str or a list of messages", chosen)
-    return prompt, [chosen, *rejected_as_list(example["rejected"], conversational, idx)], conversational
+        example = {k: v for k, v in example.items() if k != "prompt"}
+    row = parse_text_row(example, idx, roles=roles)
+    return row.prompt, [row.chosen, *row.rejected], row.conversational
 
 
 def row_images(example: dict[str, Any], idx: int) -> list:
@@ -132,7 +118,7 @@ def render_image_row(example: dict[str, Any], processor: ProcessorMixin, idx: in
     prompt + response starts with, so that all the responses share it. With one rejected this is TRL's rendering.
     """
     images = row_images(example, idx)
-    prompt, responses, conversational = row_responses(example, idx)
+    prompt, responses, conversational = row_responses(example, idx, chat_roles(processor))
     if not conversational:  # as TRL: the text as given, its image tokens written by the user
         return ImageRow(images, prompt, responses)
     prompt = prepare_multimodal_messages(prompt, images=images)

@@ -44,6 +44,10 @@ SETTINGS = {
 }
 
 
+# Logged values that do not depend on float noise when they are all equal, compared step by step
+DEFINED_METRICS = ("rewards/margins", "rewards/chosen", "rewards/rejected", "grad_weight/mean", "grad_weight_eff/mean")
+
+
 def enable_fsdp_on_cpu() -> None:
     """Let accelerate's FSDP plugin run on CPU processes (gloo), as it runs on GPUs.
 
@@ -105,6 +109,9 @@ def train(
         result = {
             "losses": [log["loss"] for log in logs if "loss" in log],
             "accuracies": [log["rewards/accuracies"] for log in logs if "rewards/accuracies" in log],
+            # What is defined at every step, step 1 included (where the policy is the reference and every margin is
+            # 0 up to float noise, so that the count of `margin > 0` in `accuracies` is a count of noise)
+            **{key: [log[key] for log in logs if key in log] for key in DEFINED_METRICS},
             "sft_losses": [log["sft_ref/loss"] for log in _sft_logs(config) if "sft_ref/loss" in log],
             "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
             "world_size": trainer.accelerator.num_processes,

@@ -238,6 +238,7 @@ def run(config: QuickstartConfig | None = None, stream: TextIO | None = None) ->
             "train_rows": len(train_rows),
             "mean_rejected": num_pairs / len(train_rows),
             "chosen_reward": statistics.mean(task.reward(r["prompt"], r["chosen"]) for r in train_rows),
+            "seed": config.seed,
         }
     }
     eval_pairs = _pairs(eval_rows)
@@ -277,7 +278,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
         f"{dpo_['greedy_exact_match']:9.3f}",
         f"(mean reward of the chosen answers in training: {results['data']['chosen_reward']:.3f}; the SFT model is "
         f"DPO's reference, so its implicit reward is 0 and its accuracy the chance level 0.5)",
-        f"Done in {results['data']['seconds']:.0f} s.",
+        # The last digits depend on the torch build (README): say which one made them
+        f"Done in {results['data']['seconds']:.0f} s (seed {results['data'].get('seed', 0)}, torch {torch.__version__}).",
     ]
     return "\n".join(lines)
 
