@@ -21,7 +21,7 @@ from conftest import SHARED_DATA, assert_grads_close, loss_and_grads, make_args
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from trl_dpo_ext import DPOTrainer, ref_init, real_model
+from trl_dpo_ext import DPOTrainer, real_model, ref_init
 from trl_dpo_ext.convert import rated_to_multi_rejected
 from trl_dpo_ext.real_model import RealModelUnavailable, smollm2_instruct, verify
 
