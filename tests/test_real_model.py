@@ -153,10 +153,10 @@ def k_rejected_trainer(path: str, tokenizer, output_dir, **config) -> DPOTrainer
 def padded_step(smollm2, tokenizer, tmp_path_factory):
     """Loss, gradients and logged metrics of one batch through the padded forward (computed once for the module)."""
     trainer = k_rejected_trainer(smollm2, tokenizer, tmp_path_factory.mktemp("padded"))
-    lengths = [
-        len(r["prompt_ids"]) + max(map(len, [r["chosen_ids"], *r["rejected_ids"]])) for r in trainer.train_dataset
-    ]
-    assert [len(r) for r in trainer.train_dataset["rejected_ids"]] == [1, 3, 2] and len(set(lengths)) == 3
+    data = trainer.train_dataset
+    assert [len(r) for r in data["rejected_ids"]] == [1, 3, 2]  # ragged K
+    assert len({len(ids) for r in data for ids in [r["chosen_ids"], *r["rejected_ids"]]}) >= 4  # ragged responses
+    assert len({len(ids) for ids in data["prompt_ids"]}) >= 2  # and prompts
     loss, grads = loss_and_grads(trainer)
     return loss, grads, {key: values[-1] for key, values in trainer._metrics["train"].items()}
 
@@ -168,7 +168,8 @@ def test_prefix_sharing_matches_the_padded_forward_on_ragged_k(smollm2, tokenize
     expected_loss, expected_grads, expected_metrics = padded_step
     trainer = k_rejected_trainer(smollm2, tokenizer, tmp_path, **PACKINGS[packing])
     loss, grads = loss_and_grads(trainer)
-    assert expected_loss.item() != pytest.approx(0.6931, abs=1e-3), "the policy must differ from the reference"
+    assert expected_loss.item() != pytest.approx(0.693147, abs=1e-4), "the policy must differ from the reference"
+    assert abs(expected_metrics["rewards/margins"]) > 1e-4
     # Measured 6e-7 relative on the loss; the gradients' atol is relative to each tensor's largest entry
     torch.testing.assert_close(loss, expected_loss, atol=0, rtol=1e-5)
     assert_grads_close(grads, expected_grads, atol=1e-5, rtol=1e-4)
