@@ -27,6 +27,7 @@ from trl_dpo_ext.real_model import RealModelUnavailable, smollm2_instruct, verif
 
 
 ALPACAEVAL = SHARED_DATA / "alpacaeval-rated.jsonl.gz"
+TEXT = ("prompt", "chosen", "rejected")
 NOISE = 2e-3  # the policy's seeded offset from the reference, so that the loss is not log 2 and the rewards not 0
 
 
@@ -273,9 +274,6 @@ def test_chat_template_boundary_is_where_trl_puts_it(tokenizer, tmp_path):
     header = tokenizer.encode("<|im_start|>assistant\n")
     for row in ours.train_dataset:  # the responses start right after the generation prompt the template renders
         assert row["prompt_ids"][-len(header) :] == header
-
-
-TEXT = ("prompt", "chosen", "rejected")
 
 
 # ----------------------------------------------------------------------------------- ref_init on it
