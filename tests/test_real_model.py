@@ -172,7 +172,8 @@ def test_prefix_sharing_matches_the_padded_forward_on_ragged_k(smollm2, tokenize
     loss, grads = loss_and_grads(trainer)
     assert expected_loss.item() != pytest.approx(0.693147, abs=1e-4), "the policy must differ from the reference"
     assert abs(expected_metrics["rewards/margins"]) > 1e-4
-    # Measured 6e-7 relative on the loss; the gradients' atol is relative to each tensor's largest entry
+    # Measured: the loss 6.0e-7 relative; gradients up to 2.7e-5 of a tensor's largest entry (30 fp32 layers: an
+    # absolute bound is too tight, so atol is 1e-5 of that entry plus rtol 1e-4 per entry); metrics 1.8e-5 relative
     torch.testing.assert_close(loss, expected_loss, atol=0, rtol=1e-5)
     assert_grads_close(grads, expected_grads, atol=1e-5, rtol=1e-4)
     metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
