@@ -116,7 +116,8 @@ def test_single_rejected_step_matches_stock_trl_loss_rewards_and_weights(smollm2
 
     assert expected_log["loss"] != pytest.approx(0.6931, abs=1e-3), "the policy must differ from the reference"
     assert abs(expected_log["rewards/margins"]) > 1e-3
-    # Relative: fp32 sums over 30 layers and 49k logits differ in their last bits, beyond an absolute 1e-6
+    # Relative, 1e-5: fp32 sums over 30 layers and 49k logits may differ in their last bits (measured here: the
+    # logged values within 5e-8 relative, the weights identical)
     # Every value stock TRL logs (loss, rewards, log-probs, logits, grad_norm, ...), with its name
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"} <= expected_log.keys()
     for key, value in expected_log.items():
