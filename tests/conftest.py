@@ -14,7 +14,10 @@ from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causa
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; `TRL_DPO_EXT_SHARED_DATA` points elsewhere (a git worktree has no ../shared)
+SHARED_DATA = Path(
+    os.environ.get("TRL_DPO_EXT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 
 @pytest.fixture

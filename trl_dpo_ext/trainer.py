@@ -147,7 +147,8 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             model, processing_class = init_from_sft_reference(
                 model, ref_model, train_dataset, processing_class, args, peft_config, quantization_config
             )
-        check_reference_source(model, ref_model, args, peft_config)
+        if not (self._image_rows and not isinstance(processing_class, ProcessorMixin)):  # else TRL's error first
+            check_reference_source(model, ref_model, args, peft_config)
 
         # Every token id of the data must index a row of the model's input embedding (checked in `_prepare_dataset`)
         self._vocab_size = model_vocab_size(model, args)
