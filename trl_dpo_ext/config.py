@@ -15,6 +15,7 @@ from .guards import check_on_nonfinite
 from .loss_spec import LossSpec
 from .losses import REJECTED_REDUCTIONS
 from .packing.spec import PackingSpec
+from .selection import REJECTED_SELECTIONS, check_selection
 
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ class DPOConfig(trl.DPOConfig):
         score_temperature (`float`, *optional*, defaults to `1.0`):
             Temperature α of the target distribution softmax(scores / α) of `rejected_reduction="infonca"` and
             `"nca"`. Smaller values put more of the target on the best-scored response.
+        rejected_selection (`str`, *optional*, defaults to `"all"`):
+            Which rejected of an example the training forward and backward see (see `docs/concepts.md`,
+            "Hard-negative selection"). `"all"`: every one. `"hardest"`: a no-grad forward of the chosen and all K
+            first; then the training pass on the chosen and the `num_selected` rejected with the largest effective
+            gradient weight, the loss being the configured one over those. `"sampled"`: `num_selected` rejected drawn
+            with probability proportional to their effective weight, each pair's loss importance-weighted so that the
+            expected gradient is the full reduction's (for `rejected_reduction` `"mean"` or `"sum"` only). Rows with
+            K ≤ `num_selected` train as with `"all"`. Training steps only; evaluation sees every rejected.
+        num_selected (`int`, *optional*, defaults to `1`):
+            The number m of rejected per example that `rejected_selection="hardest"` or `"sampled"` keeps.
 
         > Parameters that control the forward pass (see `docs/prefix_sharing.md`)
 
@@ -159,6 +170,21 @@ class DPOConfig(trl.DPOConfig):
             "help": "Temperature α of the target distribution softmax(scores / α) of the 'infonca' and 'nca' "
             "reductions."
         },
+    )
+
+    rejected_selection: str = field(
+        default="all",
+        metadata={
+            "help": "Which rejected the training pass sees: 'all' (default), 'hardest' (the num_selected with the "
+            "largest gradient weight, from a no-grad pass over all K) or 'sampled' (drawn in proportion to the "
+            "weights, importance-weighted: unbiased for the 'mean' and 'sum' reductions).",
+            "choices": list(REJECTED_SELECTIONS),
+        },
+    )
+
+    num_selected: int = field(
+        default=1,
+        metadata={"help": "The number m of rejected per example kept by rejected_selection 'hardest' or 'sampled'."},
     )
 
     prefix_sharing: bool = field(
@@ -321,4 +347,10 @@ class DPOConfig(trl.DPOConfig):
         self._check_packing()
         check_on_nonfinite(self.on_nonfinite)
         # Every rule on which loss combinations are meaningful lives in the spec, which raises here
-        LossSpec.from_config(self)
+        spec = LossSpec.from_config(self)
+        check_selection(self.rejected_selection, self.num_selected, spec.reduction, spec.loss_types)
+        if self.rejected_selection != "all" and self.ld_alpha is not None:
+            raise ValueError(
+                f"`rejected_selection={self.rejected_selection!r}` with `ld_alpha` is not supported: LD-DPO's chosen "
+                "log-prob depends on the rejected it is paired with. Set `rejected_selection='all'` or `ld_alpha=None`."
+            )

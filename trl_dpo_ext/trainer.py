@@ -44,6 +44,7 @@ from .forward import (
     wpo_pair_weights,
 )
 from .guards import NonFiniteGuard
+from .hard_negatives import KeepExamples, RejectedSelector, kept_rank_sums
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import ModelCardMixin
@@ -125,6 +126,11 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         )
 
         check_packing_setup(self.packing_spec, data_collator, self._image_rows)
+        if self._image_rows and args.rejected_selection != "all":
+            raise NotImplementedError(
+                f"`rejected_selection={args.rejected_selection!r}` is not implemented for rows with images; set "
+                "`rejected_selection='all'`."
+            )
         builds_collator = data_collator is None
         if builds_collator:
             # The parent builds its pairwise collator when none is given; build the K-rejected one instead, which
@@ -191,10 +197,16 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         for callback in self.grad_weight_diagnostics.callbacks():
             self.add_callback(callback)
         # A non-finite step stops (or warns) before it is logged and saved (`guards.py`)
-        self.nonfinite_guard = NonFiniteGuard(getattr(args, "on_nonfinite", "stop"), self.accelerator, not args.fp16)
+        self.nonfinite_guard = NonFiniteGuard(args.on_nonfinite, self.accelerator, not args.fp16)
         self.add_callback(self.nonfinite_guard)
         self._run_identity = RunIdentityCallback()  # saved with each checkpoint, checked on resume
         self.add_callback(self._run_identity)
+        self.rejected_selector = None
+        if args.rejected_selection != "all":  # the batch keeps its examples, to collate the kept rejected again
+            self.rejected_selector = RejectedSelector(
+                self.loss_spec, args.rejected_selection, args.num_selected, args.seed
+            )
+            self.data_collator = KeepExamples(self.data_collator)
 
     # ------------------------------------------------------------------ data
 
@@ -270,15 +282,22 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         spec = self.loss_spec
+        full, selector = None, self.rejected_selector
+        if mode == "train" and selector is not None and selector.needed(inputs):
+            # A no-grad pass over all K picks the rejected this pass trains on (`hard_negatives.py`)
+            full = selector.full_pass(self, model, inputs)
+            inputs = selector.kept_batch(self, full)
         per_token, outputs = self._per_token_logps(model, inputs, reference=False)
         chosen, rejected = sequence_logps(per_token, inputs, spec.ld_alpha)
         ref_per_token = None
-        if not self.precompute_ref_logps:
+        if not self.precompute_ref_logps and full is None:  # the kept batch carries the full pass's
             ref_per_token, _ = self._per_token_logps(self.ref_model or model, inputs, reference=True)
         ref_chosen, ref_rejected = reference_sequence_logps(inputs, ref_per_token, spec.ld_alpha)
         logps = preference_logps(chosen, rejected, ref_chosen, ref_rejected, inputs, per_token.dtype)
 
         pair_weights = wpo_pair_weights(per_token, outputs, inputs) if spec.use_weighting else None
+        if full is not None:
+            pair_weights = selector.importance(full, per_token.device, pair_weights)
         loss = spec.preference_loss(logps, pair_weights, inputs.get("scores"))
         if spec.sft_weight:
             loss = loss + chosen_nll(per_token, inputs) * spec.sft_weight
@@ -288,6 +307,9 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         with torch.no_grad():
+            if full is not None:  # the metrics and the record describe every rejected, as the no-grad pass saw them
+                inputs, outputs, logps, pair_weights = full.inputs, full.outputs, full.logps, full.pair_weights
+                self._log_sums(mode, kept_rank_sums(full.selection, logps.rejected_mask.cpu()))
             if mode == "train":
                 self.nonfinite_guard.observe_batch(inputs, loss, logps, spec.beta)
             self._log_metrics(mode, inputs, outputs, logps)
@@ -304,7 +326,11 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
 
     def _log_metrics(self, mode: str, inputs, outputs, logps) -> None:
         """The batch's metric sums (`metrics.py`), gathered from every process in one collective, then divided."""
-        sums = metric_sums(inputs, outputs, logps, self.loss_spec.beta, train=mode == "train")
+        self._log_sums(mode, metric_sums(inputs, outputs, logps, self.loss_spec.beta, train=mode == "train"))
+        if mode == "eval":
+            metrics_of(self, mode)[NUM_TOKENS] = [total_train_tokens(self)]
+
+    def _log_sums(self, mode: str, sums: dict) -> None:
         totals = self.accelerator.gather(stack_sums(sums, self.accelerator.device).unsqueeze(0)).sum(dim=0)
         metrics = metrics_of(self, mode)
         for key, value in ratios(list(sums), totals).items():
@@ -312,5 +338,3 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
                 metrics[key] = [add_train_tokens(self, int(value))]
             else:
                 metrics[key].append(value)
-        if mode == "eval":
-            metrics[NUM_TOKENS] = [total_train_tokens(self)]
