@@ -123,7 +123,7 @@ def test_metrics_describe_every_rejected_and_count_the_kept_ranks(tokenizer, tmp
         kept = sum(
             kr["rejected"] == [row["rejected"][k]] for row, kr in zip(ROWS, kept_rows) if len(row["rejected"]) > k
         )
-        assert metrics[f"{KEPT_RANK_PREFIX}_{k + 1}"][-1] == pytest.approx(kept / len(having)), k
+        assert metrics[f"{KEPT_RANK_PREFIX}_{k}"][-1] == pytest.approx(kept / len(having)), k
 
 
 def test_sampled_loss_is_the_importance_weighted_loss_of_the_drawn_rejected(tokenizer, tmp_path):

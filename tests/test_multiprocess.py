@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) × batch 2 train exactly as one process × batch 4, with no code change: under DDP
 (torchrun) and under FSDP2 (accelerate's `fsdp2` config, TRL's packaged one), with a live reference, precomputed
-reference log-probs (from files and from an in-memory dataset) and the SFT-on-chosen reference."""
+reference log-probs (from files and from an in-memory dataset), the SFT-on-chosen reference, and hard-negative
+selection (each process selecting for its own rows)."""
 
 import json
 import os
@@ -21,7 +22,7 @@ SCRIPT = SCRIPTS / "multiprocess_dpo.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Each multi-process run trains the settings it is compared on (see SETTINGS in the script); one process trains all
 RUNS = {
-    "ddp": ("precompute_ref", "precompute_in_memory", "sft_ref_init"),
+    "ddp": ("precompute_ref", "precompute_in_memory", "hardest_selection", "sft_ref_init"),
     "fsdp2": ("live_ref", "precompute_ref", "sft_ref_init"),
 }
 CASES = [(run, setting) for run, settings in RUNS.items() for setting in settings]

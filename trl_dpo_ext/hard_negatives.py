@@ -11,7 +11,8 @@ Per training micro-batch, with `rejected_selection` `"hardest"` or `"sampled"` (
 5. the trainer's usual forward, loss and backward on that batch, each kept pair's loss times its importance weight.
 
 The metrics and the gradient-weight record keep describing all K pairs (from step 2), plus which ranks were kept:
-`grad_weight/kept_rank_k`, the fraction of the rows with a k-th rejected that kept it.
+`grad_weight/kept_rank_k`, the fraction of the rows with a k-th rejected (from 0, as `grad_weight/rank_k`) that
+kept it.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ def kept_example(example: dict[str, Any], kept: list[int], ref_chosen: float, re
     return out
 
 
-def kept_rank_sums(selection: Selection, rejected_mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(rows that kept their k-th rejected, rows that have one) for k = 1..K: the `kept_rank_k` metrics' sums."""
+def kept_rank_metrics(selection: Selection, rejected_mask: torch.Tensor, accelerator) -> dict[str, float]:
+    """`grad_weight/kept_rank_k` for k = 0..K-1 (K over every process): rows that kept their k-th rejected over the
+    rows that have one, summed over the processes in one collective."""
     kept = torch.zeros_like(rejected_mask)
     kept.scatter_(1, selection.index, selection.mask)
-    return {
-        f"{KEPT_RANK_PREFIX}_{k + 1}": (kept[:, k].sum(), rejected_mask[:, k].sum())
-        for k in range(rejected_mask.size(1))
-    }
+    counts = torch.stack([kept.sum(0), rejected_mask.sum(0)]).float().to(accelerator.device)  # [2, K]
+    if accelerator.num_processes > 1:  # K differs between processes: pad to the largest, then sum
+        counts = accelerator.reduce(accelerator.pad_across_processes(counts, dim=1), "sum")
+    return {f"{KEPT_RANK_PREFIX}_{k}": (counts[0, k] / counts[1, k]).item() for k in range(counts.size(1))}
 
 
 class RejectedSelector:
@@ -99,9 +101,13 @@ class RejectedSelector:
         key = f"{self.seed}/{global_step}/{process_index}/{count}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
-    def needed(self, inputs: dict) -> bool:
-        """Whether some row of the batch has more rejected than are kept (otherwise it trains as with `"all"`)."""
-        return int(inputs["rejected_mask"].sum(dim=1).max()) > self.num_selected
+    def needed(self, inputs: dict, accelerator) -> bool:
+        """Whether some row of the batch, on any process, has more rejected than are kept (otherwise the step trains
+        as with `"all"`). Every process decides alike: the extra pass of one alone would unbalance collectives."""
+        longer = (inputs["rejected_mask"].sum(dim=1).max() > self.num_selected).float()
+        if accelerator.num_processes > 1:
+            longer = accelerator.reduce(longer.to(accelerator.device), "sum")
+        return bool(longer > 0)
 
     @torch.no_grad()
     def full_pass(self, trainer, model, inputs: dict) -> FullPass:

@@ -44,7 +44,7 @@ from .forward import (
     wpo_pair_weights,
 )
 from .guards import NonFiniteGuard
-from .hard_negatives import KeepExamples, RejectedSelector, kept_rank_sums
+from .hard_negatives import KeepExamples, RejectedSelector, kept_rank_metrics
 from .loss_spec import LossSpec
 from .metrics import NUM_TOKENS, metric_sums, ratios, stack_sums
 from .model_card import ModelCardMixin
@@ -283,7 +283,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         mode = "train" if self.model.training else "eval"
         spec = self.loss_spec
         full, selector = None, self.rejected_selector
-        if mode == "train" and selector is not None and selector.needed(inputs):
+        if mode == "train" and selector is not None and selector.needed(inputs, self.accelerator):
             # A no-grad pass over all K picks the rejected this pass trains on (`hard_negatives.py`)
             full = selector.full_pass(self, model, inputs)
             inputs = selector.kept_batch(self, full)
@@ -309,7 +309,9 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         with torch.no_grad():
             if full is not None:  # the metrics and the record describe every rejected, as the no-grad pass saw them
                 inputs, outputs, logps, pair_weights = full.inputs, full.outputs, full.logps, full.pair_weights
-                self._log_sums(mode, kept_rank_sums(full.selection, logps.rejected_mask.cpu()))
+                kept_ranks = kept_rank_metrics(full.selection, logps.rejected_mask.cpu(), self.accelerator)
+                for key, value in kept_ranks.items():
+                    metrics[key].append(value)
             if mode == "train":
                 self.nonfinite_guard.observe_batch(inputs, loss, logps, spec.beta)
             self._log_metrics(mode, inputs, outputs, logps)
@@ -326,11 +328,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
 
     def _log_metrics(self, mode: str, inputs, outputs, logps) -> None:
         """The batch's metric sums (`metrics.py`), gathered from every process in one collective, then divided."""
-        self._log_sums(mode, metric_sums(inputs, outputs, logps, self.loss_spec.beta, train=mode == "train"))
-        if mode == "eval":
-            metrics_of(self, mode)[NUM_TOKENS] = [total_train_tokens(self)]
-
-    def _log_sums(self, mode: str, sums: dict) -> None:
+        sums = metric_sums(inputs, outputs, logps, self.loss_spec.beta, train=mode == "train")
         totals = self.accelerator.gather(stack_sums(sums, self.accelerator.device).unsqueeze(0)).sum(dim=0)
         metrics = metrics_of(self, mode)
         for key, value in ratios(list(sums), totals).items():
@@ -338,3 +336,5 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
                 metrics[key] = [add_train_tokens(self, int(value))]
             else:
                 metrics[key].append(value)
+        if mode == "eval":
+            metrics[NUM_TOKENS] = [total_train_tokens(self)]

@@ -35,6 +35,8 @@ SETTINGS = {
     "live_ref": {},
     "precompute_ref": {"precompute_ref_log_probs": True},
     "precompute_in_memory": {"precompute_ref_log_probs": True},
+    # Each process selects for its own rows; the hardest of a row does not depend on the other rows
+    "hardest_selection": {"rejected_selection": "hardest", "num_selected": 1},
     "sft_ref_init": {
         "precompute_ref_log_probs": True,
         "ref_init": "sft_on_chosen",
