@@ -26,7 +26,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback  # noqa: E402
 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
-from trl_dpo_ext.diagnostics import record_path  # noqa: E402
+from trl_dpo_ext.grad_weight_record import record_path  # noqa: E402
 from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, flipped_preference_rows, tiny_causal_lm  # noqa: E402
 from trl_dpo_ext.report import write_report  # noqa: E402
 

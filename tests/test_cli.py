@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import trl_dpo_ext
 from trl_dpo_ext import cli
 from trl_dpo_ext.convert import rated_to_multi_rejected
+from trl_dpo_ext.help_cache import help_cache_path
 from trl_dpo_ext.quickstart import char_tokenizer, tiny_causal_lm
 
 
@@ -191,18 +192,18 @@ def test_command_help_is_the_parsers_own_and_is_cached(command, tmp_path, monkey
     expected = cli._parser_of(command).format_help()
     assert first == expected + "torch imported: True\n"
     assert second == expected + "torch imported: False\n"
-    assert [path.name for path in (tmp_path / "trl-dpo-ext" / "help").iterdir()] == [cli.help_cache_path(command).name]
+    assert [path.name for path in (tmp_path / "trl-dpo-ext" / "help").iterdir()] == [help_cache_path(command).name]
 
 
 def test_help_cache_key_changes_with_the_versions_and_the_width(monkeypatch):
     import importlib.metadata
 
-    path = cli.help_cache_path("dpo")
+    path = help_cache_path("dpo")
     monkeypatch.setenv("COLUMNS", "57")
-    wider = cli.help_cache_path("dpo")
+    wider = help_cache_path("dpo")
     real_version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0" if name == "trl" else real_version(name))
-    assert len({path, wider, cli.help_cache_path("dpo")}) == 3
+    assert len({path, wider, help_cache_path("dpo")}) == 3
 
 
 def test_env_prints_every_version(capsys):

@@ -22,11 +22,9 @@ from trl_dpo_ext.diagnostics import (
     effective_grad_weights,
     gather_pair_values,
     grad_weights,
-    read_record,
-    record_path,
-    truncate_record,
     weight_statistics,
 )
+from trl_dpo_ext.grad_weight_record import read_record, record_path, truncate_record
 from trl_dpo_ext.loss_spec import LossSpec
 from trl_dpo_ext.losses import PreferenceLogps
 

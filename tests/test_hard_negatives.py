@@ -169,7 +169,7 @@ def test_training_with_selection_runs_and_records_every_rejected(tokenizer, tmp_
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.model.named_parameters())
-    from trl_dpo_ext.diagnostics import read_record, record_path
+    from trl_dpo_ext.grad_weight_record import read_record, record_path
 
     record = read_record(record_path(tmp_path))
     # Every row's weights of all its K rejected are recorded, not only the kept one

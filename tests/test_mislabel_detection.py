@@ -10,7 +10,7 @@ import csv
 from datasets import Dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.diagnostics import read_record, record_path
+from trl_dpo_ext.grad_weight_record import read_record, record_path
 from trl_dpo_ext.quickstart import char_tokenizer, flipped_preference_rows, tiny_causal_lm
 from trl_dpo_ext.report import write_report
 

@@ -10,7 +10,8 @@ from conftest import make_args, policy_and_ref
 from datasets import Dataset
 
 from trl_dpo_ext import DPOTrainer, report
-from trl_dpo_ext.diagnostics import read_record, record_path, weight_statistics
+from trl_dpo_ext.diagnostics import weight_statistics
+from trl_dpo_ext.grad_weight_record import read_record, record_path
 
 
 ROWS = [

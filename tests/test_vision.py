@@ -18,7 +18,7 @@ from toy_vision import VLM_FAMILIES, tiny_vlm, tiny_vlm_processor, toy_image, vi
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
 from trl_dpo_ext import DPOTrainer
-from trl_dpo_ext.diagnostics import read_record, record_path
+from trl_dpo_ext.grad_weight_record import read_record, record_path
 from trl_dpo_ext.losses import REJECTED_REDUCTIONS, PreferenceLogps, multi_rejected_loss
 from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causal_lm
 from trl_dpo_ext.vision import PREFIX_SHARING_VLM_TYPES, DataCollatorForMultiRejectedVisionPreference

@@ -29,16 +29,14 @@ weight is NaN or infinite, left out of the others. Every key is defined in ``doc
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
+from .grad_weight_record import GradWeightRecordCallback, append_record, format_record, record_path
 from .loss_spec import LossSpec
 from .losses import PreferenceLogps
 from .rows import INDEX_COLUMN
@@ -50,7 +48,6 @@ if TYPE_CHECKING:
 
 GRAD_WEIGHT_PREFIX = "grad_weight"
 EFFECTIVE_PREFIX = "grad_weight_eff"
-RECORD_FILENAME = "grad_weights.jsonl"
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
 # A pair above this weight is ranked wrongly by the implicit reward (w > 0.5 ⇔ r̂_l > r̂_w)
 WRONG_THRESHOLD = 0.5
@@ -173,108 +170,6 @@ def gather_pair_values(
     values, rows = accelerator.gather((values, rows))
     real = rows >= 0
     return values[real], (rows[real] if index is not None else None)
-
-
-# ------------------------------------------------------------------------------------------------------ record
-
-
-def record_path(output_dir: str | os.PathLike) -> Path:
-    """Where the per-example record of a run lives: `output_dir/grad_weights.jsonl`."""
-    return Path(output_dir) / RECORD_FILENAME
-
-
-def _rounded(row: torch.Tensor, present: torch.Tensor | None = None) -> list[float | None]:
-    # Six decimals keep a line short; padding (not `present`; NaN without a mask) is dropped, and a real pair's NaN or
-    # infinite weight is written as null, which JSON can hold
-    if present is None:
-        present = ~torch.isnan(row)
-    return [
-        round(v, 6) if math.isfinite(v) else None for v, p in zip(row.tolist(), present.tolist(), strict=True) if p
-    ]
-
-
-def format_record(
-    index: torch.Tensor,
-    step: int,
-    epoch: int,
-    weights: torch.Tensor,
-    effective: torch.Tensor,
-    present: torch.Tensor | None = None,
-) -> str:
-    """JSON lines, one per row: `{"index", "step", "epoch", "grad_weight": [w_k], "grad_weight_eff": [e_k]}`, with
-    one value per real pair (`present`, bool [N, K]; NaN marks padding without it) and null for a non-finite one."""
-    lines = []
-    masks = present.cpu() if present is not None else [None] * len(weights)
-    for i, w, e, m in zip(index.tolist(), weights.cpu(), effective.cpu(), masks, strict=True):
-        line = {
-            "index": i,
-            "step": step,
-            "epoch": epoch,
-            "grad_weight": _rounded(w, m),
-            "grad_weight_eff": _rounded(e, m),
-        }
-        lines.append(json.dumps(line, separators=(",", ":")) + "\n")
-    return "".join(lines)
-
-
-def append_record(path: str | os.PathLike, text: str) -> None:
-    """Append JSON lines to the record; opened and closed on each call, so a crash loses at most the current step."""
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(text)
-
-
-def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a record. A last line cut short by a crash is skipped; any other bad line raises."""
-    rows = []
-    with open(path, encoding="utf-8") as file:
-        lines = file.readlines()
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines) and not line.endswith("\n"):
-                break
-            raise ValueError(f"{path}, line {number}: not a JSON object: {line[:80]!r}.") from None
-    return rows
-
-
-def truncate_record(path: str | os.PathLike, max_step: int) -> int:
-    """Drop the rows of steps after `max_step` (those a resumed run trains again); returns how many were dropped.
-
-    Rows are written before their optimizer step is taken and saved, so after resuming from the checkpoint of
-    `global_step = max_step`, the rows of later steps would otherwise appear twice. Rewritten atomically.
-    """
-    path = Path(path)
-    if not path.exists():
-        return 0
-    rows = read_record(path)
-    kept = [row for row in rows if row["step"] <= max_step]
-    with open(path, encoding="utf-8") as file:
-        num_lines = sum(1 for _ in file)
-    if len(kept) == num_lines:
-        return 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in kept)
-    os.replace(tmp, path)
-    return num_lines - len(kept)
-
-
-class GradWeightRecordCallback(TrainerCallback):
-    """Starts the record of a run: at `train()` start, drops the rows of steps the run is about to train (again).
-
-    A fresh run (`global_step = 0`) starts an empty record; a run resumed from a checkpoint keeps the rows up to the
-    checkpoint's step. Only the main process touches the file.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            truncate_record(self.path, state.global_step)
-            self.path.touch()
 
 
 # --------------------------------------------------------------------------------------------------- histogram

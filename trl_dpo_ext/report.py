@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .diagnostics import RECORD_FILENAME, read_record
+from .grad_weight_record import RECORD_FILENAME, check_finite, read_record
 
 
 FIGURE_FILENAME = "grad_weights.png"
@@ -95,45 +95,6 @@ def load_record(path: str | os.PathLike) -> list[dict[str, Any]]:
                 f"{path} is not a gradient-weight record: {EXPECTED_RECORD}; line {number} has no {missing}."
             )
     return records
-
-
-def nonfinite_rows(records: list[dict[str, Any]]) -> dict[int, list[int]]:
-    """Dataset row -> the recorded steps at which one of its weights was NaN or infinite (null in the record), or
-    missing altogether (records of versions that dropped them)."""
-    steps: dict[int, list[int]] = defaultdict(list)
-    for r in records:
-        weights = r["grad_weight"]
-        if not weights or any(w is None or not math.isfinite(w) for w in weights):
-            steps[r["index"]].append(r["step"])
-    return dict(steps)
-
-
-def _step_ranges(steps: list[int]) -> str:
-    steps, ranges = sorted(set(steps)), []
-    for step in steps:
-        if ranges and step == ranges[-1][1] + 1:
-            ranges[-1][1] = step
-        else:
-            ranges.append([step, step])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-
-
-def check_finite(records: list[dict[str, Any]], path: str | os.PathLike = "the record") -> None:
-    """Fail, naming each row and its steps, when the record holds non-finite weights: the run diverged there, and a
-    ranking over them means nothing."""
-    bad = nonfinite_rows(records)
-    if not bad:
-        return
-    shown = [
-        f"row {index} at step{'s' if len(steps) > 1 else ''} {_step_ranges(steps)}"
-        for index, steps in sorted(bad.items())
-    ]
-    more = f"; and {len(shown) - 10} more rows" if len(shown) > 10 else ""
-    raise ValueError(
-        f"{path} has non-finite gradient weights (NaN or infinite: the training diverged) for {len(bad)} rows: "
-        f"{'; '.join(shown[:10])}{more}. Rerun with a lower `learning_rate`; `DPOConfig(on_nonfinite='stop')`, the "
-        "default, stops at the first such step."
-    )
 
 
 def _load_dataset(dataset: Any) -> Any:

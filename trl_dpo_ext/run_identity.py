@@ -80,8 +80,7 @@ class RunIdentityCallback(TrainerCallback):
         """At the start of `train`: the run's identity, checked against the checkpoint resumed from (a path)."""
         self.identity = run_identity(loss_spec, train_dataset)
         if isinstance(resume_from_checkpoint, str):
-            # A plain `trl.DPOConfig` has no `resume_allow_changes`: the default, an error
-            check_resume(resume_from_checkpoint, self.identity, getattr(args, "resume_allow_changes", False))
+            check_resume(resume_from_checkpoint, self.identity, args.resume_allow_changes)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
