@@ -42,6 +42,7 @@ def checkpoint(tmp_path):
         (ROWS_K2, {"rejected_reduction": "softmax"}, "loss_spec.reduction: saved mean, now softmax"),
         (ROWS_K3, {}, "num_rejected: saved [2], now [3]"),
         (ROWS_K2[::-1], {}, "train_dataset.sha256: saved "),
+        (ROWS_K2, {"rejected_selection": "hardest", "num_selected": 1}, "selection: saved None, now {"),
     ],
 )
 def test_resuming_after_a_change_fails_naming_the_field_before_any_step(

@@ -30,10 +30,12 @@ RUN_IDENTITY_FILE = "run_identity.json"
 DATA_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "scores", "prompt", "chosen", "rejected")
 
 
-def run_identity(loss_spec: Any, train_dataset: Any) -> dict[str, Any]:
-    """The loss spec, and, of a `Dataset` (an `IterableDataset` is not read twice), its numbers of rejected and the
-    fingerprint of its rows."""
+def run_identity(loss_spec: Any, train_dataset: Any, selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The loss spec, the hard-negative selection (when there is one), and, of a `Dataset` (an `IterableDataset` is
+    not read twice), its numbers of rejected and the fingerprint of its rows."""
     identity: dict[str, Any] = {"loss_spec": jsonable(dataclasses.asdict(loss_spec))}
+    if selection is not None:
+        identity["selection"] = selection
     if isinstance(train_dataset, Dataset):
         if "num_rejected" in train_dataset.column_names:
             identity["num_rejected"] = sorted(set(train_dataset["num_rejected"]))
@@ -78,7 +80,10 @@ class RunIdentityCallback(TrainerCallback):
 
     def start(self, resume_from_checkpoint: Any, loss_spec: Any, train_dataset: Any, args: Any) -> None:
         """At the start of `train`: the run's identity, checked against the checkpoint resumed from (a path)."""
-        self.identity = run_identity(loss_spec, train_dataset)
+        selection = None
+        if args.rejected_selection != "all":  # which pairs train changes the objective too
+            selection = {"rejected_selection": args.rejected_selection, "num_selected": args.num_selected}
+        self.identity = run_identity(loss_spec, train_dataset, selection)
         if isinstance(resume_from_checkpoint, str):
             check_resume(resume_from_checkpoint, self.identity, args.resume_allow_changes)
 
