@@ -275,6 +275,7 @@ class Turns(TrainerCallback):
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.profiler.__enter__()
         self.rss = PeakRSS(interval_s=0.01).__enter__()
+        self.allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         self.start = (time.perf_counter(), time.process_time())
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -286,7 +287,11 @@ class Turns(TrainerCallback):
         wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
         self.rss.__exit__()
         step = Step(wall=wall, cpu=cpu)
-        step.rss = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else self.rss.peak - self.rss.start
+        step.rss = (
+            torch.cuda.max_memory_allocated() - self.allocated
+            if torch.cuda.is_available()
+            else self.rss.peak - self.rss.start
+        )
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
             table = self.profiler.key_averages().table(
@@ -304,10 +309,10 @@ def load_model(args: argparse.Namespace, path: str):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.random_init:
-        config = AutoConfig.from_pretrained(path, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(path)
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(0)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
 
 
@@ -383,16 +388,17 @@ def model_params(model) -> tuple[int, int]:
     return body, head.numel()
 
 
-def matmul_rate(config, seconds: float = 0.6) -> float:
-    """FLOP/s of the model's fp32 (bf16 with --bf16) matmuls: its projections on 512 tokens, forward shapes."""
+def matmul_rate(config, dtype: torch.dtype, seconds: float = 0.6) -> float:
+    """FLOP/s of the model's matmuls in `dtype`: its projections on 512 tokens (8,192 on a GPU), forward shapes."""
     hidden, inter = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = 8192 if device == "cuda" else 512
     shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter)]
     shapes.append((inter, hidden))
-    x = {n: torch.randn(512, n, device=device) for n in {hidden, inter}}
-    w = [torch.randn(a, b, device=device) for a, b in shapes]
-    flops = sum(2 * 512 * a * b for a, b in shapes)
+    x = {n: torch.randn(tokens, n, device=device, dtype=dtype) for n in {hidden, inter}}
+    w = [torch.randn(a, b, device=device, dtype=dtype) for a, b in shapes]
+    flops = sum(2 * tokens * a * b for a, b in shapes)
     done, start = 0, time.perf_counter()
     while True:
         for (a, _), weight in zip(shapes, w):
@@ -427,7 +433,7 @@ def run_k(args: argparse.Namespace, k: int, path: str, tokenizer) -> None:
         def matmul() -> None:
             for step in range(args.warmup + args.rounds + args.profile):
                 baton.wait("matmul")
-                rates.append(matmul_rate(config))
+                rates.append(matmul_rate(config, torch.bfloat16 if args.bf16 else torch.float32))
                 walls = "  ".join(f"{a.name} {a.steps[-1].wall:6.1f} s" for a in arms)
                 print(f"  round {step}: {walls}  matmul {rates[-1] / 1e9:.0f} GFLOP/s", flush=True)
                 baton.pass_on("matmul", finished=step == args.warmup + args.rounds + args.profile - 1)
