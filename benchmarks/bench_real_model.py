@@ -21,8 +21,10 @@ turn). A timed fp32 matmul of the model's shapes takes a turn too, so the matmul
 Round r is step r of every arm, on the same prompts; the first `--warmup` rounds are not counted. Reported per arm:
 prompts/s (median over rounds), the ratio to the first arm (median of the per-round ratios, with min-max), the
 positions the policy forward runs (padding included) and its real tokens, the achieved model FLOP rate against the
-matmul rate, and the peak RSS of its step above the RSS at the step's start (activations, gradients and transient
-buffers; the weights, AdamW states and references of all arms stay resident throughout).
+matmul rate, and the peak memory of its step above that at the step's start (CPU: the bytes malloc has handed out,
+glibc `mallinfo2`, sampled every 10 ms, not the RSS, which is per process and keeps freed pages; GPU:
+`max_memory_allocated`): activations, gradients and transient buffers. The weights, AdamW states and references of
+all arms stay allocated throughout; the warm-up step allocates the AdamW states.
 
 FLOPs of a step: 8 × (N_body × positions + N_head × scored tokens): 6 for the policy's forward and backward, 2 for
 the reference forward; N_body is the non-embedding parameters (the embedding is a lookup), N_head the LM head's
@@ -56,6 +58,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -67,7 +71,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from bench_k_rejected import PeakRSS, expand_to_pairs, release_memory  # noqa: E402
+from bench_k_rejected import expand_to_pairs  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback  # noqa: E402
 
 
@@ -261,6 +265,43 @@ def add_counts(arm: Arm) -> None:
         step.scored = sum(b.scored for b in batches)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks".split()
+    ]
+    _fields_ += [(name, ctypes.c_size_t) for name in ("fordblks", "keepcost")]
+
+
+class PeakLive:
+    """Peak of the bytes malloc has handed out and not taken back (glibc `mallinfo2`: heap in use + mmapped), sampled
+    every 10 ms from a thread. Unlike the RSS, it does not count the pages glibc keeps after a free, so an arm's peak
+    above its step's start is its own transient memory even when it reuses pages another arm freed."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s, self._stop = interval_s, threading.Event()
+        self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        self._mallinfo2.restype = _MallInfo2
+
+    def live(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.live())
+
+    def __enter__(self) -> PeakLive:
+        self.start = self.peak = self.live()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.live())
+
+
 class Turns(TrainerCallback):
     """Waits for the arm's turn before each optimizer step and passes the baton at its end, timing the step."""
 
@@ -270,11 +311,13 @@ class Turns(TrainerCallback):
 
     def _begin(self, step: int) -> None:
         self.baton.wait(self.arm.name)
-        release_memory()
+        gc.collect()  # no malloc_trim: in steady training a step reuses the pages the step before it freed
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         if step == self.profile_step:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.profiler.__enter__()
-        self.rss = PeakRSS(interval_s=0.01).__enter__()
+        self.rss = PeakLive().__enter__()
         self.allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         self.start = (time.perf_counter(), time.process_time())
 
@@ -417,7 +460,7 @@ def run_k(args: argparse.Namespace, k: int, path: str, tokenizer) -> None:
         arms = [build_arm(spec, args, k, rows, path, tokenizer, refs, output_dir) for spec in args.arms]
         body, head = model_params(arms[0].trainer.model)
         config = arms[0].trainer.model.config
-        release_memory()
+        gc.collect()
         baton = Baton([arm.name for arm in arms] + ["matmul"])
         rates: list[float] = []
         profile_step = args.warmup + args.rounds if args.profile else None
@@ -476,7 +519,7 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
     )
     header = (
         f"| arm | prompts/s | vs {arms[0].name} (median, min-max) | CPU-s/step | positions | real tokens "
-        "| GFLOP/s | % matmul | real GFLOP/s | step peak above start |"
+        "| GFLOP/s | % matmul | real GFLOP/s | step peak memory above start |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -489,7 +532,7 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
         wall = sum(run.wall for run in runs)
         flops = 8 * (body * positions + head * scored)
         real_flops = 8 * (body * real + head * scored)
-        memory = "GiB allocated" if torch.cuda.is_available() else "GiB"
+        memory = "GiB allocated" if torch.cuda.is_available() else "GiB malloc"
         print(
             f"| {arm.label} | {statistics.median(args.prompts_per_step / r.wall for r in runs):.3f} "
             f"| {statistics.median(ratios):.2f}× ({min(ratios):.2f}-{max(ratios):.2f}) "
