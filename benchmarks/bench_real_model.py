@@ -518,7 +518,8 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
         f"(rounds: {', '.join(f'{r / 1e9:.0f}' for r in rates[timed])}); rows checked identical in every step"
     )
     header = (
-        f"| arm | prompts/s | vs {arms[0].name} (median, min-max) | CPU-s/step | positions | real tokens "
+        f"| arm | prompts/s | vs {arms[0].name} (median, min-max) | CPU-s/step | vs {arms[0].name}, CPU | positions "
+        "| real tokens "
         "| GFLOP/s | % matmul | real GFLOP/s | step peak memory above start |"
     )
     print(header)
@@ -526,6 +527,7 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
     for arm in arms:
         runs = arm.steps[timed]
         ratios = [ref.wall / run.wall for run, ref in zip(runs, base)]
+        cpu_ratios = [ref.cpu / run.cpu for run, ref in zip(runs, base)]
         positions = sum(run.positions for run in runs)
         real = sum(run.real for run in runs)
         scored = sum(run.scored for run in runs)
@@ -536,7 +538,8 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
         print(
             f"| {arm.label} | {statistics.median(args.prompts_per_step / r.wall for r in runs):.3f} "
             f"| {statistics.median(ratios):.2f}× ({min(ratios):.2f}-{max(ratios):.2f}) "
-            f"| {statistics.median(r.cpu for r in runs):.1f} | {positions:,} | {real:,} "
+            f"| {statistics.median(r.cpu for r in runs):.1f} | {statistics.median(cpu_ratios):.2f}× "
+            f"({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | {positions:,} | {real:,} "
             f"| {flops / wall / 1e9:.0f} | {flops / wall / rate:.0%} | {real_flops / wall / 1e9:.0f} "
             f"| {max(r.rss for r in runs) / 2**30:.2f} {memory} |"
         )
