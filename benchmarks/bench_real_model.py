@@ -512,9 +512,10 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
     timed = slice(args.warmup, args.warmup + args.rounds)
     rate = statistics.median(rates[timed])
     base = arms[0].steps[timed]
+    cut = f"rows of {args.data}" if args.data else f"responses cut at {args.response_tokens} tokens"
     print(
         f"\nK = {k}: {args.prompts_per_step} prompts/step, {args.rounds} rounds after {args.warmup} warm-up, "
-        f"responses cut at {args.response_tokens} tokens; matmul rate {rate / 1e9:.0f} GFLOP/s "
+        f"{cut}; matmul rate {rate / 1e9:.0f} GFLOP/s "
         f"(rounds: {', '.join(f'{r / 1e9:.0f}' for r in rates[timed])}); rows checked identical in every step"
     )
     header = (
