@@ -31,7 +31,8 @@ the reference forward; N_body is the non-embedding parameters (the embedding is 
 (tied to the embedding, a real matmul), which TRL's fused LM head runs on the scored (completion) tokens only.
 Attention's own FLOPs are left out. "Real" FLOPs count real tokens instead of positions (no padding).
 
-CPU (docs/benchmarks.md; about 12 minutes on 2 quiet cores):
+CPU (docs/benchmarks.md; the default is about 12-15 minutes on 2 quiet cores, 2 prompts per step, responses cut
+at 64 tokens, 3 rounds after 1 warm-up, K = 3 then 7):
 
     python benchmarks/bench_real_model.py --threads 2 --k 3 7 --rounds 3
     python benchmarks/bench_real_model.py --threads 2 --k 7 --rounds 1 --profile   # CPU time by op, per arm
