@@ -24,7 +24,8 @@ positions the policy forward runs (padding included) and its real tokens, the ac
 matmul rate, and the peak memory of its step above that at the step's start (CPU: the bytes malloc has handed out,
 glibc `mallinfo2`, sampled every 10 ms, not the RSS, which is per process and keeps freed pages; GPU:
 `max_memory_allocated`): activations, gradients and transient buffers. The weights, AdamW states and references of
-all arms stay allocated throughout; the warm-up step allocates the AdamW states.
+all arms stay allocated throughout (about 13 GB on the CPU for the four default arms); the warm-up step allocates the
+AdamW states.
 
 FLOPs of a step: 8 × (N_body × positions + N_head × scored tokens): 6 for the policy's forward and backward, 2 for
 the reference forward; N_body is the non-embedding parameters (the embedding is a lookup), N_head the LM head's
