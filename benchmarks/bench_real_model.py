@@ -28,7 +28,8 @@ all arms stay allocated throughout (about 13 GB on the CPU for the four default 
 AdamW states.
 
 FLOPs of a step: 8 × (N_body × positions + N_head × scored tokens): 6 for the policy's forward and backward, 2 for
-the reference forward; N_body is the non-embedding parameters (the embedding is a lookup), N_head the LM head's
+the reference forward (6 alone when the reference is precomputed; with hard-negative selection, 2 for the no-grad pass
+over all K and 6 for the training pass over the kept, whose positions are counted apart: `step_flops`); N_body is the non-embedding parameters (the embedding is a lookup), N_head the LM head's
 (tied to the embedding, a real matmul), which TRL's fused LM head runs on the scored (completion) tokens only.
 Attention's own FLOPs are left out. "Real" FLOPs count real tokens instead of positions (no padding).
 
@@ -88,6 +89,29 @@ PACKED = {
     "shared": {"prefix_sharing": True},
     "shared-padding-free": {"prefix_sharing": True, "padding_free": True},
     "padding-free": {"padding_free": True},
+    # Hard-negative selection (docs/concepts.md) and its baseline: the same packing, the reference precomputed
+    "shared-padding-free-pre": {"prefix_sharing": True, "padding_free": True, "precompute_ref_log_probs": True},
+    "hardest-1": {
+        "prefix_sharing": True,
+        "padding_free": True,
+        "precompute_ref_log_probs": True,
+        "rejected_selection": "hardest",
+        "num_selected": 1,
+    },
+    "hardest-2": {
+        "prefix_sharing": True,
+        "padding_free": True,
+        "precompute_ref_log_probs": True,
+        "rejected_selection": "hardest",
+        "num_selected": 2,
+    },
+    "sampled-2": {
+        "prefix_sharing": True,
+        "padding_free": True,
+        "precompute_ref_log_probs": True,
+        "rejected_selection": "sampled",
+        "num_selected": 2,
+    },
 }
 LABELS = {
     "stock": "trl.DPOTrainer, K pairs",
@@ -95,6 +119,10 @@ LABELS = {
     "shared": "prefix_sharing",
     "shared-padding-free": "prefix_sharing + padding_free",
     "padding-free": "padding_free",
+    "shared-padding-free-pre": "prefix_sharing + padding_free, reference precomputed",
+    "hardest-1": "… + rejected_selection='hardest', m = 1",
+    "hardest-2": "… + rejected_selection='hardest', m = 2",
+    "sampled-2": "… + rejected_selection='sampled', m = 2",
 }
 
 
@@ -174,6 +202,9 @@ class Step:
     positions: int = 0  # policy forward positions, padding included
     real: int = 0  # non-padding tokens of the policy forward
     scored: int = 0  # completion tokens (the fused LM head's)
+    kept_positions: int = 0  # hard-negative selection: the training pass's (the counts above: the no-grad pass's)
+    kept_real: int = 0
+    kept_scored: int = 0
     prompts: dict = field(default_factory=dict)  # of a batch: prompt ids -> [(chosen ids, [rejected ids])]
 
 
@@ -187,6 +218,8 @@ class Arm:
     steps: list[Step] = field(default_factory=list)
     profile: str = ""
     batches: list[Step] = field(default_factory=list)
+    kept: list[Step] = field(default_factory=list)  # hard-negative selection: the batches of the training pass
+    precomputed: bool = False  # the reference log-probs precomputed: no reference forward in the step
 
 
 class Baton:
@@ -223,8 +256,8 @@ class CountingCollator:
     positions, real and scored tokens. Batches, not steps: accelerate's data loader collates one batch ahead, so the
     batches of step i are the arm's batches i × accumulation ... (i + 1) × accumulation − 1."""
 
-    def __init__(self, collator, arm: Arm) -> None:
-        self.collator, self.arm = collator, arm
+    def __init__(self, collator, arm: Arm, kept: bool = False) -> None:
+        self.collator, self.arm, self.kept = collator, arm, kept
 
     def __call__(self, examples: list[dict]) -> dict:
         record = Step()
@@ -242,7 +275,7 @@ class CountingCollator:
             record.positions = batch["input_ids"].numel()
             record.real = int(batch["attention_mask"].sum())
         record.scored = int(batch["completion_mask"].sum())
-        self.arm.batches.append(record)
+        (self.arm.kept if self.kept else self.arm.batches).append(record)
         return batch
 
 
@@ -259,12 +292,31 @@ def step_rows(arm: Arm, step: int) -> dict:
 
 
 def add_counts(arm: Arm) -> None:
-    """The positions, real and scored tokens of each step, from its batches."""
+    """The positions, real and scored tokens of each step, from its batches (and its kept batches, with selection)."""
     for i, step in enumerate(arm.steps):
         batches = arm.batches[i * arm.accumulation : (i + 1) * arm.accumulation]
         step.positions = sum(b.positions for b in batches)
         step.real = sum(b.real for b in batches)
         step.scored = sum(b.scored for b in batches)
+        if arm.kept:
+            kept = arm.kept[i]
+            step.kept_positions, step.kept_real, step.kept_scored = kept.positions, kept.real, kept.scored
+
+
+def step_flops(arm: Arm, body: int, head: int, real: bool = False) -> int:
+    """Model FLOPs of the arm's timed steps: 2 per parameter and token for a forward, 6 for forward and backward.
+    The reference's forward counts unless precomputed; with selection, the no-grad pass over all K (2) and the
+    training pass over the kept (6)."""
+    total = 0
+    for step in arm.steps:
+        full = body * (step.real if real else step.positions) + head * step.scored
+        reference = 0 if arm.precomputed else 2 * full
+        if arm.kept:
+            kept = body * (step.kept_real if real else step.kept_positions) + head * step.kept_scored
+            total += reference + 2 * full + 6 * kept
+        else:
+            total += reference + 6 * full
+    return total
 
 
 class _MallInfo2(ctypes.Structure):
@@ -417,8 +469,11 @@ def build_arm(spec: str, args, k: int, rows: list[dict], path: str, tokenizer, r
         )
         label = LABELS[name]
     trainer.remove_callback(PrinterCallback)
-    arm = Arm(spec, label, trainer, micro_batch, accumulation)
+    arm = Arm(spec, label, trainer, micro_batch, accumulation, precomputed=config.precompute_ref_log_probs)
     trainer.data_collator = CountingCollator(trainer.data_collator, arm)
+    selector = getattr(trainer, "rejected_selector", None)
+    if selector is not None:  # the kept batches, counted apart: they are the training pass, not the step's rows
+        selector.collator = CountingCollator(selector.collator, arm, kept=True)
     return arm
 
 
@@ -533,16 +588,20 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
         cpu_ratios = [ref.cpu / run.cpu for run, ref in zip(runs, base)]
         positions = sum(run.positions for run in runs)
         real = sum(run.real for run in runs)
-        scored = sum(run.scored for run in runs)
+        if arm.kept:  # the no-grad pass's positions, then the training pass's
+            kept = sum(run.kept_positions for run in runs)
+            positions, real = f"{positions:,} + {kept:,} kept", f"{real:,} + {sum(r.kept_real for r in runs):,} kept"
+        else:
+            positions, real = f"{positions:,}", f"{real:,}"
         wall = sum(run.wall for run in runs)
-        flops = 8 * (body * positions + head * scored)
-        real_flops = 8 * (body * real + head * scored)
+        timed_arm = Arm(arm.name, arm.label, steps=runs, kept=arm.kept, precomputed=arm.precomputed)
+        flops, real_flops = step_flops(timed_arm, body, head), step_flops(timed_arm, body, head, real=True)
         memory = "GiB allocated" if torch.cuda.is_available() else "GiB malloc"
         print(
             f"| {arm.label} | {statistics.median(args.prompts_per_step / r.wall for r in runs):.3f} "
             f"| {statistics.median(ratios):.2f}× ({min(ratios):.2f}-{max(ratios):.2f}) "
             f"| {statistics.median(r.cpu for r in runs):.1f} | {statistics.median(cpu_ratios):.2f}× "
-            f"({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | {positions:,} | {real:,} "
+            f"({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | {positions} | {real} "
             f"| {flops / wall / 1e9:.0f} | {flops / wall / rate:.0%} | {real_flops / wall / 1e9:.0f} "
             f"| {max(r.rss for r in runs) / 2**30:.2f} {memory} |"
         )

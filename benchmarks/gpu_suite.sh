@@ -14,7 +14,8 @@
 #
 # First the real-model question (bench_real_model.py): SmolLM2-135M-Instruct's shape, random weights, bf16, on
 # AlpacaEval rows through its chat template, K = 3 and 7, stock TRL on pairs against this trainer padded,
-# prefix_sharing and prefix_sharing + padding_free, the arms alternating one optimizer step at a time. Then,
+# prefix_sharing and prefix_sharing + padding_free, the arms alternating one optimizer step at a time; at K = 7,
+# hard-negative selection (hardest m = 1, 2; sampled m = 2) against all K with the same packing. Then,
 # on the device it prints, per arm, prompts/s, MFU (against --peak-tflops, 989 = H100/H200 dense bf16) and peak
 # memory: stock TRL on pairs, this trainer padded, shared, shared + padding-free, with SDPA (segment-wise on the packed
 # rows) and with FlexAttention, on the Qwen2.5-0.5B shape (random init from its config, bf16, prompt 256 / responses
@@ -84,6 +85,9 @@ step() {  # step SECONDS NAME COMMAND...: at most SECONDS (and what is left of B
 
 step 120 "real model: SmolLM2-135M-Instruct shape (random init), AlpacaEval, K=3 and 7" \
     $PY benchmarks/bench_real_model.py "${SMOL[@]}" --random-init --model "$CARRY/smollm2" --data "$CARRY/smollm2"
+step 60 "real model, K=7: hard-negative selection against all K (same packing, reference precomputed)" \
+    $PY benchmarks/bench_real_model.py "${SMOL[@]}" --random-init --model "$CARRY/smollm2" --data "$CARRY/smollm2" \
+    --k 7 --arms shared-padding-free-pre hardest-1 hardest-2 sampled-2
 for attn in "${ATTNS[@]}"; do
     arms=(stock ext shared shared-padding-free)
     [[ "$attn" != sdpa ]] && arms=(shared shared-padding-free)  # the padded arms keep SDPA: run once

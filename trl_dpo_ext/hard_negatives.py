@@ -89,8 +89,9 @@ def kept_rank_metrics(selection: Selection, rejected_mask: torch.Tensor, acceler
 class RejectedSelector:
     """Runs steps 1-4 of the module docstring for one training micro-batch of a trainer."""
 
-    def __init__(self, spec: LossSpec, selection: str, num_selected: int, seed: int):
+    def __init__(self, spec: LossSpec, selection: str, num_selected: int, seed: int, collator):
         self.spec, self.selection, self.num_selected, self.seed = spec, selection, num_selected, seed
+        self.collator = collator  # the trainer's own, which batches the kept rejected again
         self._draws: tuple[int, int] = (-1, 0)  # (global step, micro-batches drawn in it)
 
     def generator(self, global_step: int, process_index: int) -> torch.Generator:
@@ -142,8 +143,7 @@ class RejectedSelector:
         for i, example in enumerate(examples):
             kept = [k for k, keep in zip(index[i], mask[i], strict=True) if keep]
             rows.append(kept_example(example, kept, ref_chosen[i], [ref_rejected[i][k] for k in kept]))
-        batch = trainer._prepare_inputs(trainer.data_collator(rows))
-        batch.pop(EXAMPLES_KEY, None)
+        batch = trainer._prepare_inputs(self.collator(rows))
         if INDEX_COLUMN in full.inputs:
             batch[INDEX_COLUMN] = full.inputs[INDEX_COLUMN]
         return batch

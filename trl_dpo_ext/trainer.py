@@ -204,7 +204,7 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         self.rejected_selector = None
         if args.rejected_selection != "all":  # the batch keeps its examples, to collate the kept rejected again
             self.rejected_selector = RejectedSelector(
-                self.loss_spec, args.rejected_selection, args.num_selected, args.seed
+                self.loss_spec, args.rejected_selection, args.num_selected, args.seed, self.data_collator
             )
             self.data_collator = KeepExamples(self.data_collator)
 
