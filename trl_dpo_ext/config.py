@@ -11,7 +11,7 @@ import torch
 import trl
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-from .guards import check_on_nonfinite
+from .guards import ON_NONFINITE, check_on_nonfinite
 from .loss_spec import LossSpec
 from .losses import REJECTED_REDUCTIONS
 from .packing.spec import PackingSpec
@@ -255,7 +255,7 @@ class DPOConfig(trl.DPOConfig):
         metadata={
             "help": "A step with a NaN or infinite loss, reward, gradient or parameter: 'stop' (raise, naming the step "
             "and rows, before it is saved) or 'warn'.",
-            "choices": ["stop", "warn"],
+            "choices": list(ON_NONFINITE),
         },
     )
     resume_allow_changes: bool = field(
@@ -348,9 +348,4 @@ class DPOConfig(trl.DPOConfig):
         check_on_nonfinite(self.on_nonfinite)
         # Every rule on which loss combinations are meaningful lives in the spec, which raises here
         spec = LossSpec.from_config(self)
-        check_selection(self.rejected_selection, self.num_selected, spec.reduction, spec.loss_types)
-        if self.rejected_selection != "all" and self.ld_alpha is not None:
-            raise ValueError(
-                f"`rejected_selection={self.rejected_selection!r}` with `ld_alpha` is not supported: LD-DPO's chosen "
-                "log-prob depends on the rejected it is paired with. Set `rejected_selection='all'` or `ld_alpha=None`."
-            )
+        check_selection(self.rejected_selection, self.num_selected, spec.reduction, spec.loss_types, spec.ld_alpha)

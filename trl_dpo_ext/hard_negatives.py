@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from .diagnostics import GRAD_WEIGHT_PREFIX, effective_grad_weights, grad_weights
-from .forward import preference_logps, reference_sequence_logps, sequence_logps, wpo_pair_weights
 from .loss_spec import LossSpec
 from .losses import PreferenceLogps
 from .rows import INDEX_COLUMN
@@ -114,14 +113,7 @@ class RejectedSelector:
     def full_pass(self, trainer, model, inputs: dict) -> FullPass:
         """Steps 1-3 and the choice of the kept rejected."""
         spec = self.spec
-        per_token, outputs = trainer._per_token_logps(model, inputs, reference=False)
-        chosen, rejected = sequence_logps(per_token, inputs, spec.ld_alpha)
-        ref_per_token = None
-        if not trainer.precompute_ref_logps:
-            ref_per_token, _ = trainer._per_token_logps(trainer.ref_model or model, inputs, reference=True)
-        ref_chosen, ref_rejected = reference_sequence_logps(inputs, ref_per_token, spec.ld_alpha)
-        logps = preference_logps(chosen, rejected, ref_chosen, ref_rejected, inputs, per_token.dtype)
-        pair_weights = wpo_pair_weights(per_token, outputs, inputs) if spec.use_weighting else None
+        _, outputs, logps, pair_weights = trainer._batch_logps(model, inputs, not trainer.precompute_ref_logps)
         # On the host: the kept indices choose the examples to collate again, there
         mask = logps.rejected_mask.cpu()
         effective = effective_grad_weights(logps, spec, pair_weights, inputs.get("scores")).cpu()

@@ -47,7 +47,9 @@ class Selection(NamedTuple):
     importance: torch.Tensor | None = None
 
 
-def check_selection(selection: str, num_selected: int, reduction: str, loss_types: tuple[str, ...]) -> None:
+def check_selection(
+    selection: str, num_selected: int, reduction: str, loss_types: tuple[str, ...], ld_alpha: float | None = None
+) -> None:
     """Raise `ValueError` for a selection the loss does not define (called when the config is built)."""
     if selection not in REJECTED_SELECTIONS:
         raise ValueError(f"`rejected_selection` must be one of {REJECTED_SELECTIONS}, got {selection!r}.")
@@ -66,6 +68,11 @@ def check_selection(selection: str, num_selected: int, reduction: str, loss_type
     batch_sorted = [t for t in loss_types if t in ("aot", "aot_unpaired")]
     if batch_sorted:
         raise ValueError(f"`rejected_selection={selection!r}` needs per-pair losses; {batch_sorted} sort the batch.")
+    if ld_alpha is not None:
+        raise ValueError(
+            f"`rejected_selection={selection!r}` with `ld_alpha` is not supported: LD-DPO's chosen log-prob depends on "
+            "the rejected it is paired with. Set `rejected_selection='all'` or `ld_alpha=None`."
+        )
 
 
 def _sorted_kept(order: torch.Tensor, keep: torch.Tensor) -> Selection:
@@ -167,7 +174,7 @@ def select_sampled(
     drawn = systematic_sample(pi, rejected_mask, generator, **draws)
     keep = drawn.sum(dim=1)
     positions = torch.arange(pi.size(1), device=pi.device).expand_as(pi)
-    order = torch.where(drawn, positions, pi.size(1)).sort(dim=1).values.clamp(max=pi.size(1) - 1)
+    order = torch.where(drawn, positions, pi.size(1)).sort(dim=1).values
     selection = _sorted_kept(order, keep)
     kept_pi = pi.gather(1, selection.index)
     num_rejected = rejected_mask.sum(dim=1, keepdim=True).double()

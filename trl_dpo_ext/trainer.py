@@ -265,6 +265,20 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
             return per_token_logps(model, inputs, implementation, extra_inputs=extra, packing=self.packing_spec)
 
+    def _batch_logps(self, model, inputs, reference_forward: bool):
+        """The policy's per-token log-probs and outputs, the batch's `PreferenceLogps` (the reference by a forward, or
+        the batch's precomputed values) and the WPO pair weights (None without `use_weighting`)."""
+        spec = self.loss_spec
+        per_token, outputs = self._per_token_logps(model, inputs, reference=False)
+        chosen, rejected = sequence_logps(per_token, inputs, spec.ld_alpha)
+        ref_per_token = None
+        if reference_forward:
+            ref_per_token, _ = self._per_token_logps(self.ref_model or model, inputs, reference=True)
+        ref_chosen, ref_rejected = reference_sequence_logps(inputs, ref_per_token, spec.ld_alpha)
+        logps = preference_logps(chosen, rejected, ref_chosen, ref_rejected, inputs, per_token.dtype)
+        pair_weights = wpo_pair_weights(per_token, outputs, inputs) if spec.use_weighting else None
+        return per_token, outputs, logps, pair_weights
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one collated batch: the chosen [B] and the rejected [B, K] (NaN-padded)."""
         with self.accelerator.autocast():
@@ -287,15 +301,9 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
             # A no-grad pass over all K picks the rejected this pass trains on (`hard_negatives.py`)
             full = selector.full_pass(self, model, inputs)
             inputs = selector.kept_batch(self, full)
-        per_token, outputs = self._per_token_logps(model, inputs, reference=False)
-        chosen, rejected = sequence_logps(per_token, inputs, spec.ld_alpha)
-        ref_per_token = None
-        if not self.precompute_ref_logps and full is None:  # the kept batch carries the full pass's
-            ref_per_token, _ = self._per_token_logps(self.ref_model or model, inputs, reference=True)
-        ref_chosen, ref_rejected = reference_sequence_logps(inputs, ref_per_token, spec.ld_alpha)
-        logps = preference_logps(chosen, rejected, ref_chosen, ref_rejected, inputs, per_token.dtype)
-
-        pair_weights = wpo_pair_weights(per_token, outputs, inputs) if spec.use_weighting else None
+        # The kept batch carries the reference log-probs of the full pass
+        reference_forward = not self.precompute_ref_logps and full is None
+        per_token, outputs, logps, pair_weights = self._batch_logps(model, inputs, reference_forward)
         if full is not None:
             pair_weights = selector.importance(full, per_token.device, pair_weights)
         loss = spec.preference_loss(logps, pair_weights, inputs.get("scores"))
