@@ -171,7 +171,11 @@ def hh_split(cfg: GridConfig, tokenizer) -> list[dict]:
         if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
             continue
         prompt = chosen[:-1]
-        length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        length = len(
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
         answers = [cut(tokenizer, m[-1]["content"], cfg.max_response_tokens) for m in (chosen, rejected)]
         if length > cfg.hh_max_prompt_tokens or not all(answers) or answers[0] == answers[1]:
             continue
@@ -185,7 +189,9 @@ def rows_k(pool_rows: list[dict], k: int) -> list[dict]:
     """K = 7: every rejected; K = 3: the three lowest-rated (the last three of the best-first list)."""
     if k == 7:
         return pool_rows
-    return [{**r, "rejected": r["rejected"][-k:], "scores": [r["scores"][0], *r["scores"][1:][-k:]]} for r in pool_rows]
+    return [
+        {**r, "rejected": r["rejected"][-k:], "scores": [r["scores"][0], *r["scores"][1:][-k:]]} for r in pool_rows
+    ]
 
 
 def arm_rows(arm: str, rows: list[dict], seed: int) -> list[dict]:
@@ -228,7 +234,9 @@ def arm_rows(arm: str, rows: list[dict], seed: int) -> list[dict]:
 def check_arm(arm: str, data: list[dict], source: list[dict]) -> str:
     """Assert, before training, that an arm's rows carry what its loss needs; return the line that says so."""
     if arm == "stock_pairs":
-        assert len(data) == sum(len(s["rejected"]) for s in source), "stock_pairs: not one row per (chosen, rejected_k)"
+        assert len(data) == sum(len(s["rejected"]) for s in source), (
+            "stock_pairs: not one row per (chosen, rejected_k)"
+        )
         assert {"prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"} <= set(data[0])
         return f"check {arm}: {len(data)} pair rows from {len(source)} prompts, reference columns: ok"
     for i, (r, s) in enumerate(zip(data, source, strict=True)):
@@ -276,17 +284,32 @@ def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: in
 
 
 def top_layers_logits(model, hidden: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
-    """Logits of `model` from the input of its decoder layer `first` (the layers below are frozen, so that input is
-    the reference's): the decoder runs only its layers from `first` on."""
+    """Last hidden states (after the final norm) of `model` from the input of its decoder layer `first` (the layers
+    below are frozen, so that input is the reference's): the decoder runs only its layers from `first` on."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.model
     layers = decoder.layers
     decoder.layers = torch.nn.ModuleList(list(layers)[first:])
     try:
         with torch.no_grad():
-            return base(inputs_embeds=hidden, attention_mask=mask).logits
+            return decoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
     finally:
         decoder.layers = layers
+
+
+def top_layers_logps(model, item: dict, first: int) -> list[float]:
+    """log π(response | prompt) of each sequence of an evaluation item, from the cached input of layer `first`; the
+    LM head runs on the positions that predict a response token only (most of a short row is its prompt)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    states = top_layers_logits(model, item["hidden"], item["mask"], first)
+    start = item["prompt_len"] - 1
+    out = []
+    with torch.no_grad():
+        for j, n in enumerate(item["lengths"]):
+            log_probs = base.lm_head(states[j, start : start + n]).float().log_softmax(-1)
+            targets = item["input_ids"][j, start + 1 : start + 1 + n]
+            out.append(log_probs.gather(1, targets[:, None]).sum().item())
+    return out
 
 
 def judge_counts(values: list[float], judge: list[float], tie: float) -> tuple[int, int, int, bool]:
@@ -308,7 +331,9 @@ def alpaca_metrics(scorers: dict[str, list[list[float]]], judge: list[list[float
     out = {}
     for name, values in scorers.items():
         counts = [judge_counts(v, s, tie) for v, s in zip(values, judge, strict=True)]
-        out[name] = {key: [c[i] for c in counts] for i, key in enumerate(("concordant", "discordant", "pairs", "top1"))}
+        out[name] = {
+            key: [c[i] for c in counts] for i, key in enumerate(("concordant", "discordant", "pairs", "top1"))
+        }
     return out
 
 
@@ -348,10 +373,15 @@ def prepare(cfg: GridConfig, work: Path) -> dict:
         prompt, ids = tokenized(tokenizer, row["prompt"], responses, i)
         input_ids, mask = padded(prompt, ids, pad)
         with torch.no_grad():
-            logps = response_logps(reference(input_ids=input_ids, attention_mask=mask).logits, input_ids, len(prompt), list(map(len, ids)))
+            logps = response_logps(
+                reference(input_ids=input_ids, attention_mask=mask).logits, input_ids, len(prompt), list(map(len, ids))
+            )
         row["ref_chosen_logps"], row["ref_rejected_logps"] = logps[0], logps[1:]
         row["id"] = pool[i]["id"]
-    print(f"prepare: reference log-probs of {len(pool_rows)} pool prompts x 8 in {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"prepare: reference log-probs of {len(pool_rows)} pool prompts x 8 in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
 
     def eval_set(items):
         out = []
@@ -363,14 +393,22 @@ def prepare(cfg: GridConfig, work: Path) -> dict:
             lengths = list(map(len, ids))
             ref = response_logps(outputs.logits, input_ids, len(prompt), lengths)
             hidden = outputs.hidden_states[first]
-            check = response_logps(top_layers_logits(reference, hidden, mask, first), input_ids, len(prompt), lengths)
+            item = dict(
+                input_ids=input_ids, mask=mask, prompt_len=len(prompt), lengths=lengths, ref=ref, hidden=hidden
+            )
+            check = top_layers_logps(reference, item, first)
             assert max(abs(a - b) for a, b in zip(ref, check, strict=True)) < 1e-3, (ref, check)
-            out.append(dict(input_ids=input_ids, mask=mask, prompt_len=len(prompt), lengths=lengths, ref=ref, hidden=hidden))
+            out.append(item)
         return out
 
-    alpaca = eval_set([([{"role": "user", "content": r["instruction"]}], [c["output"] for c in r["completions"]]) for r in held_out])
+    alpaca = eval_set(
+        [([{"role": "user", "content": r["instruction"]}], [c["output"] for c in r["completions"]]) for r in held_out]
+    )
     hh_set = eval_set([(p["prompt"], p["responses"]) for p in hh])
-    print(f"prepare: evaluation sets ({len(alpaca)} prompts x 8, {len(hh_set)} HH pairs) at {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"prepare: evaluation sets ({len(alpaca)} prompts x 8, {len(hh_set)} HH pairs) at {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     prepared = {
         "config": dataclasses.asdict(cfg),
         "first_adapted_layer": first,
@@ -392,16 +430,24 @@ def evaluate(model, prepared: dict, cfg: GridConfig) -> dict:
     def scores(items):
         policy = []
         for item in items:
-            logits = top_layers_logits(model, item["hidden"], item["mask"], first)
-            policy.append(response_logps(logits, item["input_ids"], item["prompt_len"], item["lengths"]))
+            policy.append(top_layers_logps(model, item, first))
         return policy
 
     def scorers(items, policy):
-        reward = [[cfg.beta * (p - r) for p, r in zip(ps, item["ref"], strict=True)] for ps, item in zip(policy, items, strict=True)]
+        reward = [
+            [cfg.beta * (p - r) for p, r in zip(ps, item["ref"], strict=True)]
+            for ps, item in zip(policy, items, strict=True)
+        ]
         return {
             "reward_sum": reward,
-            "reward_per_token": [[x / n for x, n in zip(xs, item["lengths"], strict=True)] for xs, item in zip(reward, items, strict=True)],
-            "policy_ll_per_token": [[x / n for x, n in zip(xs, item["lengths"], strict=True)] for xs, item in zip(policy, items, strict=True)],
+            "reward_per_token": [
+                [x / n for x, n in zip(xs, item["lengths"], strict=True)]
+                for xs, item in zip(reward, items, strict=True)
+            ],
+            "policy_ll_per_token": [
+                [x / n for x, n in zip(xs, item["lengths"], strict=True)]
+                for xs, item in zip(policy, items, strict=True)
+            ],
         }
 
     if model is None:
@@ -411,7 +457,9 @@ def evaluate(model, prepared: dict, cfg: GridConfig) -> dict:
             return {
                 "token_count": [list(map(float, item["lengths"])) for item in items],
                 "reference_sum": [item["ref"] for item in items],
-                "reference_per_token": [[x / n for x, n in zip(item["ref"], item["lengths"], strict=True)] for item in items],
+                "reference_per_token": [
+                    [x / n for x, n in zip(item["ref"], item["lengths"], strict=True)] for item in items
+                ],
                 "random": [[rng.random() for _ in item["lengths"]] for item in items],
             }
 
@@ -537,7 +585,12 @@ def run_cell(cfg, prepared, k, budget, seed, arm, results: Path, argv, max_steps
             **extra,
         )
         trainer = DPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-    adapted = {int(m.group(1)) for n, _ in trainer.model.named_parameters() if "lora_" in n for m in [re.search(r"layers\.(\d+)\.", n)]}
+    adapted = {
+        int(m.group(1))
+        for n, _ in trainer.model.named_parameters()
+        if "lora_" in n
+        for m in [re.search(r"layers\.(\d+)\.", n)]
+    }
     assert adapted == set(range(first, model.config.num_hidden_layers)), f"adapter on layers {sorted(adapted)}"
     trainer.remove_callback(PrinterCallback)
     timer = CPUBudget(budget_seconds)
@@ -575,7 +628,9 @@ def run_cell(cfg, prepared, k, budget, seed, arm, results: Path, argv, max_steps
     tmp = results / f".{name}.json.tmp"
     tmp.write_text(json.dumps(row, indent=None) + "\n")
     tmp.replace(results / f"{name}.json")
-    print(f"{name}: {steps} steps, {row['train_cpu_seconds']:.0f} CPU-s, {row['prompts_seen']:.0f} prompts", flush=True)
+    print(
+        f"{name}: {steps} steps, {row['train_cpu_seconds']:.0f} CPU-s, {row['prompts_seen']:.0f} prompts", flush=True
+    )
     return row
 
 
