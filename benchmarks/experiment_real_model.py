@@ -190,7 +190,13 @@ def rows_k(pool_rows: list[dict], k: int) -> list[dict]:
     if k == 7:
         return pool_rows
     return [
-        {**r, "rejected": r["rejected"][-k:], "scores": [r["scores"][0], *r["scores"][1:][-k:]]} for r in pool_rows
+        {
+            **r,
+            "rejected": r["rejected"][-k:],
+            "scores": [r["scores"][0], *r["scores"][1:][-k:]],
+            "ref_rejected_logps": r["ref_rejected_logps"][-k:],
+        }
+        for r in pool_rows
     ]
 
 
