@@ -150,6 +150,10 @@ def load(results: Path) -> tuple[dict, dict]:
                 f"{path}: made with configuration {cell['config_key']}, baseline.json with {baseline['config_key']}; "
                 "move one of them out of the folder."
             )
+        # The bootstrap pairs prompts across cells: every cell must score the same judge-separated pairs
+        pairs = cell["metrics"]["alpaca"]["reward_per_token"]["pairs"]
+        if pairs != next(iter(baseline["metrics"]["alpaca"].values()))["pairs"]:
+            raise SystemExit(f"{path}: its held-out pairs differ from baseline.json's")
         cells[(cell["k"], cell["budget"])][cell["arm"]][cell["seed"]] = cell
     return baseline, cells
 

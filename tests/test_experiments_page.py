@@ -57,7 +57,7 @@ def write_cell(folder: Path, arm: str, seed: int, prompts: list[tuple[int, int, 
 
 
 def write_baseline(folder: Path, key: str = "abc"):
-    trivial = counts([3, 2], [1, 2], [5, 4], [True, False])
+    trivial = counts([4, 5, 2, 6], [4, 3, 6, 2], [10, 9, 8, 10], [False, True, False, True])
     names = ("token_count", "reference_sum", "reference_per_token", "random")
     metrics = {"alpaca": {n: trivial for n in names}, "hh": {n: [1.0, 0.0, 0.5] for n in names}}
     (folder / "baseline.json").write_text(json.dumps({"config_key": key, "metrics": metrics}))
@@ -136,6 +136,9 @@ def test_a_cell_of_another_configuration_is_refused_by_name(summary, tmp_path):
     grid(tmp_path)
     write_cell(tmp_path, "min", 0, [(1, 1, 2)], [1.0], config_key="other")
     with pytest.raises(SystemExit, match="k7-prompts-seed0-min.json: made with configuration other"):
+        summary.load(tmp_path)
+    write_cell(tmp_path, "min", 0, [(1, 1, 2)] * 4, [1.0])
+    with pytest.raises(SystemExit, match="k7-prompts-seed0-min.json: its held-out pairs differ"):
         summary.load(tmp_path)
 
 
