@@ -42,8 +42,9 @@ collapsed), shuffled with `--seed`; the first `--held_out` are held out and neve
 `rated_to_multi_rejected` makes the rows: the judge's best response is the chosen, the 7 lowest-rated others the
 rejected, best first, with the judge's scores (conversational rows, through the model's chat template).
 
-Training: `rejected_reduction="plackett_luce"` (the K = 7 loss that did best in docs/experiments.md), prefix sharing
-and padding-free (each prompt forwarded once, the 8 responses laid end to end), `grad_weight_record=True`.
+Training: `rejected_reduction="plackett_luce"` (it uses the judge's whole ranking; in docs/experiments.md it cannot be
+told apart from `mean`, `softmax` or `nca` at K = 7 on this model), prefix sharing and padding-free (each prompt
+forwarded once, the 8 responses laid end to end), `grad_weight_record=True`.
 
 Evaluation, before and after, on the held-out prompts (all 8 responses of each): how well a score of each response
 agrees with the judge, length-controlled as docs/experiments.md defines it. The scores: the implicit reward
