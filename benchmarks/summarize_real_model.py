@@ -233,6 +233,8 @@ def difference_table(k: int, table: dict, baseline: str = BASELINE) -> list[str]
     for title, by_arm in results.items():
         tested = [arm for arm in arms if by_arm[arm] is not None]
         adjusted[title] = dict(zip(tested, holm([by_arm[arm]["p"] for arm in tested]), strict=True))
+    if not any(adjusted.values()):
+        return [f"(No arm has 2 seeds paired with `{baseline}` yet.)"]
     head = " | ".join(f"Δ {t} [95% CI] | p | holds (Holm, 5%)" for t in results)
     lines = [f"| arm | seeds | {head} |", "|---" * (2 + 3 * len(results)) + "|"]
     for arm in arms:
