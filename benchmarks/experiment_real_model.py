@@ -605,8 +605,8 @@ def run_cell(cfg, prepared, k, budget, seed, arm, results: Path, argv, max_steps
     trainer.train()
     wall = time.perf_counter() - wall
     steps = trainer.state.global_step
-    prompts_per_row = k if arm == "stock_pairs" else 1
-    rows_seen = min(steps * args.per_device_train_batch_size, 10**9)
+    rows_per_prompt = k if arm == "stock_pairs" else 1
+    rows_seen = steps * args.per_device_train_batch_size
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     metrics = evaluate(trainer.model, prepared, cfg)
     rerun = ["cell", "--k", str(k), "--budget", budget, "--seed", str(seed), "--arm", arm]
@@ -620,7 +620,7 @@ def run_cell(cfg, prepared, k, budget, seed, arm, results: Path, argv, max_steps
         "config": dataclasses.asdict(cfg),
         "config_key": cfg.key(),
         "steps": steps,
-        "prompts_seen": rows_seen / prompts_per_row,
+        "prompts_seen": rows_seen / rows_per_prompt,
         "epochs": rows_seen / len(data),
         "train_cpu_seconds": sum(timer.seconds),
         "cpu_budget_seconds": budget_seconds,
