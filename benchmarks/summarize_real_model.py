@@ -11,7 +11,9 @@ difference of each arm to `pairwise_random`: its mean over the common seeds, a 9
 seeds and prompts (each of 2,000 replicates draws the common seeds and the held-out prompts, or HH pairs, with
 replacement, the same prompts for both arms and every seed of it; percentile interval), a two-sided bootstrap p-value
 (twice the smaller share of replicates on either side of 0) and Holm's step-down correction over the arms of the
-table. A second table compares the other ways of training on the whole list to the default `mean`. Standard library only; the output is the same bytes on every run.
+table. A second table compares the other ways of training on the whole list to the default `mean`; a last one each
+K = 3 arm to the same arm at K = 7 (equal prompts: the same prompts, in the same order, for both). Standard library
+only; the output is the same bytes on every run.
 """
 
 from __future__ import annotations
@@ -227,27 +229,46 @@ def arm_table(k: int, budget: str, table: dict) -> list[str]:
 def difference_table(k: int, table: dict, baseline: str = BASELINE) -> list[str]:
     base = table.get(baseline, {})
     arms = [arm for arm in ARMS[k] if arm != baseline and arm in table and (baseline == BASELINE or arm in LIST_ARMS)]
+    lines = tested_table({arm: (table[arm], base) for arm in arms})
+    return lines or [f"(No arm has 2 seeds paired with `{baseline}` yet.)"]
+
+
+def cross_k_table(cells: dict) -> list[str]:
+    """Each arm of K = 3 against the same arm at K = 7, equal prompts: the same seeds train on the same prompts in
+    the same order from the same adapter initialisation, so the difference is the list (the three lowest-rated
+    against all seven); for `pairwise_random` it is the choice of the one rejected (among the three or the seven)."""
+    short, full = cells.get((3, "prompts"), {}), cells.get((7, "prompts"), {})
+    lines = tested_table({arm: (short[arm], full[arm]) for arm in ARMS[3] if arm in short and arm in full})
+    return lines or ["(No arm has 2 seeds at both K yet.)"]
+
+
+def tested_table(pairs: dict[str, tuple[dict, dict]]) -> list[str]:
+    """A row per name: the paired difference (first − second, cells by seed) of each TESTED metric, Holm over the
+    rows of a metric; no lines where no row has 2 common seeds."""
     rng = random.Random(0)
-    results = {column[0]: {arm: paired_bootstrap(table[arm], base, column, rng) for arm in arms} for column in TESTED}
+    results = {
+        column[0]: {name: paired_bootstrap(arm, base, column, rng) for name, (arm, base) in pairs.items()}
+        for column in TESTED
+    }
     adjusted = {}
-    for title, by_arm in results.items():
-        tested = [arm for arm in arms if by_arm[arm] is not None]
-        adjusted[title] = dict(zip(tested, holm([by_arm[arm]["p"] for arm in tested]), strict=True))
+    for title, by_name in results.items():
+        tested = [name for name in pairs if by_name[name] is not None]
+        adjusted[title] = dict(zip(tested, holm([by_name[name]["p"] for name in tested]), strict=True))
     if not any(adjusted.values()):
-        return [f"(No arm has 2 seeds paired with `{baseline}` yet.)"]
+        return []
     head = " | ".join(f"Δ {t} [95% CI] | p | holds (Holm, 5%)" for t in results)
     lines = [f"| arm | seeds | {head} |", "|---" * (2 + 3 * len(results)) + "|"]
-    for arm in arms:
+    for name in pairs:
         parts, seeds = [], "—"
-        for title, by_arm in results.items():
-            r = by_arm[arm]
+        for title, by_name in results.items():
+            r = by_name[name]
             if r is None:
                 parts.append("— | — | —")
                 continue
             seeds = str(r["seeds"])
-            holds = "yes" if adjusted[title][arm] < 0.05 else "no"
+            holds = "yes" if adjusted[title][name] < 0.05 else "no"
             parts.append(f"{r['delta']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {p_text(r['p'])} | {holds}")
-        lines.append(f"| {arm} | {seeds} | {' | '.join(parts)} |")
+        lines.append(f"| {name} | {seeds} | {' | '.join(parts)} |")
     return lines
 
 
@@ -284,6 +305,9 @@ def summary(results: Path = RESULTS) -> str:
             for baseline in (BASELINE, DEFAULT):
                 lines += ["", f"Paired differences to `{baseline}` (K = {k}, {title}):", ""]
                 lines += difference_table(k, table, baseline)
+    if (3, "prompts") in cells:
+        lines += ["", "#### K = 3 against K = 7, equal prompts", "", "Each K = 3 arm minus the same arm at K = 7:", ""]
+        lines += cross_k_table(cells)
     lines += ["", *provenance(cells)]
     return "\n".join(lines) + "\n"
 

@@ -30,12 +30,14 @@ def counts(concordant, discordant, pairs, top1):
     return {"concordant": concordant, "discordant": discordant, "pairs": pairs, "top1": top1}
 
 
-def write_cell(folder: Path, arm: str, seed: int, prompts: list[tuple[int, int, int]], hh: list[float], **extra):
+def write_cell(
+    folder: Path, arm: str, seed: int, prompts: list[tuple[int, int, int]], hh: list[float], k: int = 7, **extra
+):
     """A cell whose every scorer has the given per-prompt (concordant, discordant, pairs) and HH outcomes."""
     alpaca = counts(*map(list, zip(*prompts, strict=True)), [c > d for c, d, _ in prompts])
     scorers = ("reward_sum", "reward_per_token", "policy_ll_per_token")
     cell = {
-        "k": 7,
+        "k": k,
         "budget": "prompts",
         "seed": seed,
         "arm": arm,
@@ -53,7 +55,7 @@ def write_cell(folder: Path, arm: str, seed: int, prompts: list[tuple[int, int, 
         },
     }
     cell.update(extra)
-    (folder / f"k7-prompts-seed{seed}-{arm}.json").write_text(json.dumps(cell))
+    (folder / f"k{k}-prompts-seed{seed}-{arm}.json").write_text(json.dumps(cell))
 
 
 def write_baseline(folder: Path, key: str = "abc"):
@@ -110,6 +112,23 @@ def test_an_arm_better_on_every_prompt_and_seed_holds(summary, tmp_path):
     assert 0 < result["low"] <= result["delta"] <= result["high"] and result["p"] == 0
     row = next(line for line in summary.difference_table(7, table) if line.startswith("| nca |"))
     assert "| < 0.001 | yes |" in row and row.startswith("| nca | 4 |")
+
+
+def test_k3_is_compared_with_the_same_arm_at_k7_seed_by_seed(summary, tmp_path):
+    grid(tmp_path)
+    base = [(4, 4, 10), (5, 3, 9), (2, 6, 8), (6, 2, 10)]
+    for seed in range(5):
+        shifted = [(c + seed % 2, d, n) for c, d, n in base]  # as the K = 7 cells of `grid`
+        write_cell(tmp_path, "pairwise_random", seed, shifted, [1.0, 0.0, 0.0, 1.0], k=3)
+        write_cell(tmp_path, "mean", seed, [(c + 2, d - 2, n) for c, d, n in shifted], [1.0, 0.0, 0.0, 1.0], k=3)
+    write_cell(tmp_path, "nca", 0, base, [1.0] * 4, k=3)  # one seed: no paired difference
+    _, cells = summary.load(tmp_path)
+    rows = {line.split(" | ")[0][2:]: line for line in summary.cross_k_table(cells)[2:]}
+    assert list(rows) == ["pairwise_random", "mean", "nca"]
+    assert rows["pairwise_random"].startswith("| pairwise_random | 5 | +0.000 [+0.000, +0.000] | 1.000 | no |")
+    assert rows["mean"].startswith(f"| mean | 5 | {4 * 2 / 37:+.3f} [") and "| < 0.001 | yes |" in rows["mean"]
+    assert rows["nca"] == "| nca | — | — | — | — | — | — | — |"
+    assert "#### K = 3 against K = 7, equal prompts" in summary.summary(tmp_path)
 
 
 def test_the_summary_is_the_same_bytes_twice_and_check_catches_one_digit(summary, tmp_path):
