@@ -76,7 +76,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, T
 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
 from trl_dpo_ext.convert import rated_to_multi_rejected  # noqa: E402
-from trl_dpo_ext.data import tokenize_row  # noqa: E402
+from trl_dpo_ext.evaluation import (  # noqa: E402
+    JudgeCounts,
+    cut_to_tokens,
+    judge_counts,
+    normalised,
+    padded_batch,
+    response_token_ids,
+    summed_logps,
+)
 from trl_dpo_ext.quickstart import cpu_training_args  # noqa: E402
 
 
@@ -121,28 +129,19 @@ class GridConfig:
 # ----------------------------------------------------------------------------------------------------- the data
 
 
-def normalised(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def cut(tokenizer, text: str, max_tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-
-
 def alpaca_split(cfg: GridConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(held-out, pool) rated rows: deduplicated on normalised text before and after the cut, shuffled, cut."""
     with gzip.open(SHARED_DATA / "alpacaeval-rated.jsonl.gz", "rt") as f:
         raw = [json.loads(line) for line in f]
     seen, rows = set(), []
     for row in raw:
-        instruction = cut(tokenizer, row["instruction"], cfg.max_prompt_tokens)
+        instruction = cut_to_tokens(tokenizer, row["instruction"], cfg.max_prompt_tokens)
         keys = {normalised(row["instruction"]), normalised(instruction)}
         if keys & seen:
             continue
         seen |= keys
         completions = [
-            {"output": cut(tokenizer, c["output"], cfg.max_response_tokens), "score": float(c["score"])}
+            {"output": cut_to_tokens(tokenizer, c["output"], cfg.max_response_tokens), "score": float(c["score"])}
             for c in row["completions"]
         ]
         rows.append({"id": row["id"], "instruction": instruction, "completions": completions})
@@ -176,7 +175,7 @@ def hh_split(cfg: GridConfig, tokenizer) -> list[dict]:
                 "input_ids"
             ]
         )
-        answers = [cut(tokenizer, m[-1]["content"], cfg.max_response_tokens) for m in (chosen, rejected)]
+        answers = [cut_to_tokens(tokenizer, m[-1]["content"], cfg.max_response_tokens) for m in (chosen, rejected)]
         if length > cfg.hh_max_prompt_tokens or not all(answers) or answers[0] == answers[1]:
             continue
         pairs.append({"prompt": prompt, "responses": answers})
@@ -265,30 +264,6 @@ def check_arm(arm: str, data: list[dict], source: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------ forwards and metrics
 
 
-def tokenized(tokenizer, prompt: list[dict], responses: list[str], idx: int) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids and each response's ids, as the trainer tokenizes the row (chat template, TRL's boundary)."""
-    messages = [[{"role": "assistant", "content": r}] for r in responses]
-    ids = tokenize_row(
-        {"prompt": prompt, "chosen": messages[0], "rejected": messages[1:]}, idx, tokenizer, None, conversational=True
-    )
-    return ids["prompt_ids"], [ids["chosen_ids"], *ids["rejected_ids"]]
-
-
-def padded(prompt: list[int], responses: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = len(prompt) + max(map(len, responses))
-    input_ids = torch.full((len(responses), width), pad)
-    mask = torch.zeros_like(input_ids)
-    for j, response in enumerate(responses):
-        input_ids[j, : len(prompt) + len(response)] = torch.tensor(prompt + response)
-        mask[j, : len(prompt) + len(response)] = 1
-    return input_ids, mask
-
-
-def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, lengths: list[int]) -> list[float]:
-    per_token = logits[:, :-1].float().log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
-    return [per_token[j, prompt_len - 1 : prompt_len - 1 + n].sum().item() for j, n in enumerate(lengths)]
-
-
 def top_layers_logits(model, hidden: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
     """Last hidden states (after the final norm) of `model` from the input of its decoder layer `first` (the layers
     below are frozen, so that input is the reference's): the decoder runs only its layers from `first` on."""
@@ -318,28 +293,11 @@ def top_layers_logps(model, item: dict, first: int) -> list[float]:
     return out
 
 
-def judge_counts(values: list[float], judge: list[float], tie: float) -> tuple[int, int, int, bool]:
-    """(concordant, discordant, judge-separated pairs, top-1 agrees) of one prompt's scores against the judge's."""
-    concordant = discordant = n = 0
-    for a in range(len(judge)):
-        for b in range(a + 1, len(judge)):
-            if abs(judge[a] - judge[b]) < tie:
-                continue
-            n += 1
-            sign = (values[a] - values[b]) * (judge[a] - judge[b])
-            concordant += sign > 0
-            discordant += sign < 0
-    top = max(range(len(values)), key=values.__getitem__) == max(range(len(judge)), key=judge.__getitem__)
-    return concordant, discordant, n, top
-
-
 def alpaca_metrics(scorers: dict[str, list[list[float]]], judge: list[list[float]], tie: float) -> dict:
     out = {}
     for name, values in scorers.items():
         counts = [judge_counts(v, s, tie) for v, s in zip(values, judge, strict=True)]
-        out[name] = {
-            key: [c[i] for c in counts] for i, key in enumerate(("concordant", "discordant", "pairs", "top1"))
-        }
+        out[name] = {key: [getattr(c, key) for c in counts] for key in JudgeCounts._fields}
     return out
 
 
@@ -376,10 +334,10 @@ def prepare(cfg: GridConfig, work: Path) -> dict:
     assert len(pool_rows) == len(pool), "a pool prompt was dropped by rated_to_multi_rejected"
     for i, row in enumerate(pool_rows):
         responses = [row["chosen"][0]["content"], *(m[0]["content"] for m in row["rejected"])]
-        prompt, ids = tokenized(tokenizer, row["prompt"], responses, i)
-        input_ids, mask = padded(prompt, ids, pad)
+        prompt, ids = response_token_ids(tokenizer, row["prompt"], responses, i)
+        input_ids, mask = padded_batch(prompt, ids, pad)
         with torch.no_grad():
-            logps = response_logps(
+            logps = summed_logps(
                 reference(input_ids=input_ids, attention_mask=mask).logits, input_ids, len(prompt), list(map(len, ids))
             )
         row["ref_chosen_logps"], row["ref_rejected_logps"] = logps[0], logps[1:]
@@ -392,12 +350,12 @@ def prepare(cfg: GridConfig, work: Path) -> dict:
     def eval_set(items):
         out = []
         for i, (prompt_messages, responses) in enumerate(items):
-            prompt, ids = tokenized(tokenizer, prompt_messages, responses, i)
-            input_ids, mask = padded(prompt, ids, pad)
+            prompt, ids = response_token_ids(tokenizer, prompt_messages, responses, i)
+            input_ids, mask = padded_batch(prompt, ids, pad)
             with torch.no_grad():
                 outputs = reference(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
             lengths = list(map(len, ids))
-            ref = response_logps(outputs.logits, input_ids, len(prompt), lengths)
+            ref = summed_logps(outputs.logits, input_ids, len(prompt), lengths)
             hidden = outputs.hidden_states[first]
             item = dict(
                 input_ids=input_ids, mask=mask, prompt_len=len(prompt), lengths=lengths, ref=ref, hidden=hidden

@@ -75,7 +75,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
 from trl_dpo_ext.convert import load_preference_dataset, rated_to_multi_rejected  # noqa: E402
-from trl_dpo_ext.data import tokenize_row  # noqa: E402
+from trl_dpo_ext.evaluation import cut_to_tokens, judge_agreement, normalised, response_logps  # noqa: E402
 from trl_dpo_ext.quickstart import cpu_training_args  # noqa: E402
 from trl_dpo_ext.report import write_report  # noqa: E402
 
@@ -107,15 +107,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def normalised(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def cut(tokenizer, text: str, max_tokens: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-
-
 def split_rated(raw, args, tokenizer) -> tuple[list[dict], list[dict]]:
     """Deduplicated on normalised instruction text, shuffled, cut; (held-out, train), disjoint by construction."""
     seen, rows = set(), []
@@ -126,10 +117,10 @@ def split_rated(raw, args, tokenizer) -> tuple[list[dict], list[dict]]:
         seen.add(key)
         rows.append(
             {
-                "instruction": cut(tokenizer, row[args.prompt_column], args.max_prompt_tokens),
+                "instruction": cut_to_tokens(tokenizer, row[args.prompt_column], args.max_prompt_tokens),
                 "completions": [
                     {
-                        "output": cut(tokenizer, c[args.response_key], args.max_response_tokens),
+                        "output": cut_to_tokens(tokenizer, c[args.response_key], args.max_response_tokens),
                         "score": float(c[args.score_key]),
                     }
                     for c in row[args.completions_column]
@@ -143,51 +134,16 @@ def split_rated(raw, args, tokenizer) -> tuple[list[dict], list[dict]]:
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def response_logps(model, tokenizer, held_out: list[dict]) -> tuple[list[list[float]], list[list[int]]]:
-    """log π(response | prompt) of every held-out response and its token count: a plain padded forward of each
-    prompt's responses, tokenized as the trainer tokenizes them (chat template, TRL's prompt/response boundary)."""
-    logps, lengths = [], []
+def held_out_logps(model, tokenizer, held_out: list[dict]) -> tuple[list[list[float]], list[list[int]]]:
+    """log π(response | prompt) of every held-out response and its token count, as the trainer tokenizes them."""
     model.eval()
+    logps, lengths = [], []
     for i, row in enumerate(held_out):
-        messages = [[{"role": "assistant", "content": c["output"]}] for c in row["completions"]]
-        example = {"prompt": [{"role": "user", "content": row["instruction"]}], "chosen": messages[0]}
-        ids = tokenize_row({**example, "rejected": messages[1:]}, i, tokenizer, None, conversational=True)
-        prompt, responses = ids["prompt_ids"], [ids["chosen_ids"], *ids["rejected_ids"]]
-        width = len(prompt) + max(map(len, responses))
-        input_ids = torch.full((len(responses), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(input_ids)
-        for j, response in enumerate(responses):
-            input_ids[j, : len(prompt) + len(response)] = torch.tensor(prompt + response)
-            mask[j, : len(prompt) + len(response)] = 1
-        with torch.no_grad():
-            log_probs = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-        per_token = log_probs.gather(2, input_ids[:, 1:, None]).squeeze(2)
-        logps.append(
-            [per_token[j, len(prompt) - 1 : len(prompt) - 1 + len(r)].sum().item() for j, r in enumerate(responses)]
-        )
-        lengths.append([len(r) for r in responses])
+        prompt = [{"role": "user", "content": row["instruction"]}]
+        values, counts = response_logps(model, tokenizer, prompt, [c["output"] for c in row["completions"]], i)
+        logps.append(values)
+        lengths.append(counts)
     return logps, lengths
-
-
-def agreement(values: list[list[float]], judge: list[list[float]], tie: float) -> tuple[float, float]:
-    """(pairwise accuracy pooled over judge-separated pairs, Kendall τ per prompt over them, averaged)."""
-    correct = pairs = 0.0
-    taus = []
-    for v, s in zip(values, judge, strict=True):
-        concordant = discordant = n = 0
-        for a in range(len(s)):
-            for b in range(a + 1, len(s)):
-                if abs(s[a] - s[b]) < tie:
-                    continue
-                n += 1
-                sign = (v[a] - v[b]) * (s[a] - s[b])
-                concordant += sign > 0
-                discordant += sign < 0
-        if n:
-            correct += concordant + 0.5 * (n - concordant - discordant)
-            pairs += n
-            taus.append((concordant - discordant) / n)
-    return correct / pairs, sum(taus) / len(taus)
 
 
 def table(rows: dict[str, tuple[float, float]], pairs: int, prompts: int) -> str:
@@ -214,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     judge = [[c["score"] for c in r["completions"]] for r in held_out]
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    before, lengths = response_logps(model, tokenizer, held_out)
+    before, lengths = held_out_logps(model, tokenizer, held_out)
 
     config = DPOConfig(
         **cpu_training_args(
@@ -238,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
-    after, _ = response_logps(trainer.model, tokenizer, held_out)
+    after, _ = held_out_logps(trainer.model, tokenizer, held_out)
 
     rewards = [[args.beta * (a - b) for a, b in zip(x, y, strict=True)] for x, y in zip(after, before, strict=True)]
 
@@ -246,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
         return [[v / n for v, n in zip(x, ns, strict=True)] for x, ns in zip(values, lengths, strict=True)]
 
     results = {
-        "token count (trivial)": agreement(lengths, judge, args.judge_tie),
-        "before: log-likelihood, summed": agreement(before, judge, args.judge_tie),
-        "before: log-likelihood per token": agreement(per_token(before), judge, args.judge_tie),
-        "after: implicit reward, summed": agreement(rewards, judge, args.judge_tie),
-        "after: implicit reward per token": agreement(per_token(rewards), judge, args.judge_tie),
+        "token count (trivial)": judge_agreement(lengths, judge, args.judge_tie),
+        "before: log-likelihood, summed": judge_agreement(before, judge, args.judge_tie),
+        "before: log-likelihood per token": judge_agreement(per_token(before), judge, args.judge_tie),
+        "after: implicit reward, summed": judge_agreement(rewards, judge, args.judge_tie),
+        "after: implicit reward per token": judge_agreement(per_token(rewards), judge, args.judge_tie),
     }
     pairs = sum(abs(s[a] - s[b]) >= args.judge_tie for s in judge for a in range(len(s)) for b in range(a + 1, len(s)))
     print(

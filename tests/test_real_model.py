@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import trl
-from conftest import SHARED_DATA, assert_grads_close, loss_and_grads, make_args
+from conftest import SHARED_DATA, assert_grads_close, loss_and_grads, make_args, sequence_logps
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from trl_dpo_ext import DPOTrainer, real_model, ref_init
 from trl_dpo_ext.convert import rated_to_multi_rejected
+from trl_dpo_ext.evaluation import response_logps
 from trl_dpo_ext.real_model import RealModelUnavailable, smollm2_instruct, verify
 
 
@@ -367,16 +368,6 @@ def load_example():
     return module
 
 
-def test_example_agreement_drops_judge_ties_and_counts_ranker_ties_as_half():
-    example = load_example()
-    judge = [[0.9, 0.5, 0.505, 0.1]]  # 0.5 and 0.505 are a judge tie (< 0.01): 5 pairs remain
-    # Pairs (a, b) with a judged better: (0,1) (0,2) (0,3) (1,3) (2,3); the ranker gets (0,1) (0,3) (2,3) right,
-    # (0,2) wrong and ties (1,3): accuracy (3 + 0.5) / 5, tau (3 - 1) / 5
-    values = [[2.0, 1.0, 3.0, 1.0]]
-    assert example.agreement(values, judge, tie=0.01) == pytest.approx((3.5 / 5, 2 / 5))
-    assert example.agreement(judge, judge, tie=0.01) == (1.0, 1.0)
-
-
 def test_example_held_out_prompts_are_deduplicated_and_never_trained_on(tokenizer):
     example = load_example()
     texts = ["Say hi.", "say   HI.", "Name a colour.", "Count to 3.", "count to 3.", "Spell cat.", "Add 2 and 2."]
@@ -389,3 +380,22 @@ def test_example_held_out_prompts_are_deduplicated_and_never_trained_on(tokenize
     keys = [example.normalised(r["instruction"]) for r in held_out + train]
     assert len(held_out) == 2 and len(keys) == len(set(keys)) == 5  # the two duplicates dropped, nothing lost
     assert all(len(tokenizer(c["output"])["input_ids"]) <= 3 for r in held_out + train for c in r["completions"])
+
+
+def test_held_out_logps_follow_the_chat_template_and_equal_an_unpadded_forward(smollm2, tokenizer):
+    """`trl_dpo_ext.evaluation.response_logps` on chat rows (what the example and the experiment score with): each
+    response is the assistant turn after the templated prompt, and the padded batch equals one forward per response."""
+    model = fresh_model(smollm2).eval()
+    prompt = [{"role": "user", "content": "Name a colour. Réponds en français."}]
+    responses = ["Bleu.", "Le rouge, couleur du feu et du sang.", "Vert"]
+    logps, lengths = response_logps(model, tokenizer, prompt, responses)
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt_ids = prompt_ids["input_ids"]
+    for logp, n, response in zip(logps, lengths, responses, strict=True):
+        full = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": response}], tokenize=True, return_dict=True
+        )["input_ids"]
+        assert full[: len(prompt_ids)] == prompt_ids and n == len(full) - len(prompt_ids)
+        with torch.no_grad():
+            expected = sequence_logps(model, prompt_ids, full[len(prompt_ids) :]).item()
+        assert logp == pytest.approx(expected, abs=1e-4)
