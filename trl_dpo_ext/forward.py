@@ -2,7 +2,7 @@
 
 The batch of `DataCollatorForMultiRejectedPreference` holds B chosen sequences, then the R = Σ K_i rejected ones,
 example by example. The forward runs TRL's fused LM head (`fused_lm_head=True`: per-token log-probs of the labels,
-without materialising the logits); with prefix sharing it runs on the packed rows and its outputs are laid out again
+without materialising the logits) on the scored positions only (`scored_positions.py`); with prefix sharing it runs on the packed rows and its outputs are laid out again
 as those of the unshared batch [B + R, L − 1], so everything after it is the same for both layouts.
 """
 
@@ -18,6 +18,7 @@ from ._trl_compat import disable_gradient_checkpointing, use_adapter
 from .losses import PreferenceLogps, length_desensitized_logps
 from .packing import packed_model_inputs, unpack_outputs
 from .packing.spec import PackingSpec
+from .scored_positions import scored_forward
 
 
 # Keys of the collated batch that the model's forward takes
@@ -51,11 +52,9 @@ def fused_forward(
         model_kwargs["output_router_logits"] = True
     if packing is None or not packing.packed:
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return model(**model_kwargs, **(extra_inputs or {}), labels=labels, fused_lm_head=True)
+        return scored_forward(model, labels, **model_kwargs, **(extra_inputs or {}))
     packed_kwargs, packed_labels = packed_model_inputs(inputs, attn_implementation, packing.prefix_sharing)
-    outputs = model(
-        **{**model_kwargs, **packed_kwargs, **(extra_inputs or {})}, labels=packed_labels, fused_lm_head=True
-    )
+    outputs = scored_forward(model, packed_labels, **{**model_kwargs, **packed_kwargs, **(extra_inputs or {})})
     return unpack_outputs(outputs, inputs)
 
 
