@@ -75,7 +75,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from trl_dpo_ext import DPOConfig, DPOTrainer  # noqa: E402
 from trl_dpo_ext.convert import load_preference_dataset, rated_to_multi_rejected  # noqa: E402
-from trl_dpo_ext.evaluation import cut_to_tokens, judge_agreement, normalised, response_logps  # noqa: E402
+from trl_dpo_ext.evaluation import (  # noqa: E402
+    cut_to_tokens,
+    judge_agreement,
+    judge_counts,
+    normalised,
+    response_logps,
+)
 from trl_dpo_ext.quickstart import cpu_training_args  # noqa: E402
 from trl_dpo_ext.report import write_report  # noqa: E402
 
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         "after: implicit reward, summed": judge_agreement(rewards, judge, args.judge_tie),
         "after: implicit reward per token": judge_agreement(per_token(rewards), judge, args.judge_tie),
     }
-    pairs = sum(abs(s[a] - s[b]) >= args.judge_tie for s in judge for a in range(len(s)) for b in range(a + 1, len(s)))
+    pairs = sum(judge_counts(s, s, args.judge_tie).pairs for s in judge)  # the judge-separated pairs
     print(
         f"\nTrained {len(rows)} prompts x (1 + {args.num_rejected}) responses, {trainer.state.global_step} steps, "
         f"{train_seconds:.0f} s; responses cut at {args.max_response_tokens} tokens."

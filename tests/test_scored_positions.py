@@ -46,9 +46,7 @@ def ragged_batch(vocab_size: int):
 def outputs_and_grads(model, kwargs, labels, compact: bool):
     """Every per-token output and the gradients of a weighted sum of the log-probs and the entropy."""
     outputs = (
-        scored_forward(model, labels, **kwargs)
-        if compact
-        else model(**kwargs, labels=labels, fused_lm_head=True)
+        scored_forward(model, labels, **kwargs) if compact else model(**kwargs, labels=labels, fused_lm_head=True)
     )
     weights = torch.linspace(0.5, 1.5, outputs.log_probs.numel()).view_as(outputs.log_probs)
     ((outputs.log_probs * weights).sum() + outputs.entropy.sum()).backward()

@@ -34,12 +34,6 @@ from transformers.data.data_collator import DataCollatorMixin  # noqa: F401
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402, F401
 from transformers.masking_utils import sdpa_mask  # noqa: E402, F401
 
-# TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, installed by `trl.DPOTrainer`), relied on, not imported:
-#   with `fused_lm_head=True` the patched forward runs the backbone `model.base_model`, projects its
-#   `last_hidden_state[:, :-1]` against `labels[:, 1:]` and masks −100; only the label shapes must agree with the
-#   hidden states, which lets `scored_positions.py` hand it the scored positions alone (a hook on the backbone).
-#   `tests/test_scored_positions.py` compares the two on every output and gradient.
-
 # - `TRAINER_STATE_NAME` ("trainer_state.json"): the file `transformers.Trainer._save_checkpoint` writes last, after the
 #   weights and the optimizer, scheduler and RNG states; a checkpoint holding it whole is complete (`checkpoints.py`).
 from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401
@@ -68,6 +62,11 @@ from trl.models.utils import disable_gradient_checkpointing as _trl_disable_grad
 # - `global_then_local_main_first()`: the context TRL's dataset preparation runs in across processes.
 # - `use_adapter(model, adapter_name)`: TRL's switch to the "ref" adapter (or none) of a PEFT policy.
 # - `create_model_from_path(path, **kwargs)`: how TRL loads a model from a path with `model_init_kwargs`.
+# - Relied on, not imported: TRL's fused LM head (`add_fused_lm_head`, installed by `trl.DPOTrainer`). With
+#   `fused_lm_head=True` the patched forward runs the backbone `model.base_model`, projects its
+#   `last_hidden_state[:, :-1]` against `labels[:, 1:]` and masks −100; only the label shapes must agree with the
+#   hidden states, which lets `scored_positions.py` hand it the scored positions alone (a hook on the backbone).
+#   `tests/test_scored_positions.py` compares the two on every output and gradient.
 from trl.trainer.utils import (  # noqa: F401
     create_model_from_path,
     get_config_model_id,
