@@ -392,8 +392,11 @@ class Turns(TrainerCallback):
         )
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
-            table = self.profiler.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=48
+            # By self time (which ops), then by total time (which functions: TRL's LM head, attention, backward)
+            averages = self.profiler.key_averages()
+            table = "\n".join(
+                averages.table(sort_by=key, row_limit=14, max_name_column_width=48)
+                for key in ("self_cpu_time_total", "cpu_time_total")
             )
             self.arm.profile, self.profiler = table, None
         self.arm.steps.append(step)
