@@ -29,10 +29,12 @@ AdamW states.
 
 FLOPs of a step: 8 × (N_body × positions + N_head × scored tokens): 6 for the policy's forward and backward, 2 for
 the reference forward (6 alone when the reference is precomputed; with hard-negative selection, 2 for the no-grad pass
-over all K and 6 for the training pass over the kept, whose positions are counted apart: `step_flops`); N_body is the non-embedding parameters (the embedding is a lookup), N_head the LM head's
-(tied to the embedding, a real matmul), counted on the scored (completion) tokens only: the useful work. This
-trainer's head projects only those (`trl_dpo_ext.scored_positions`); stock TRL's head does where Triton runs, but on
-the CPU it projects every position, which the count does not credit. Attention's own FLOPs are left out. "Real" FLOPs count real tokens instead of positions (no padding).
+over all K and 6 for the training pass over the kept, whose positions are counted apart: `step_flops`); N_body is
+the non-embedding parameters (the embedding is a lookup), N_head the LM head's (tied to the embedding, a real
+matmul), counted on the scored (completion) tokens only: the useful work. This trainer's head projects only those
+(`trl_dpo_ext.scored_positions`); stock TRL's head does where Triton runs, but on the CPU it projects every position,
+which the count does not credit. Attention's own FLOPs are left out. "Real" FLOPs count real tokens instead of
+positions (no padding).
 
 CPU (docs/benchmarks.md; the default is about 12-15 minutes on 2 quiet cores, 2 prompts per step, responses cut
 at 64 tokens, 3 rounds after 1 warm-up, K = 3 then 7):

@@ -108,3 +108,9 @@ def test_the_lm_head_projects_only_the_response_tokens(tokenizer, tmp_path, monk
     assert head.rows == [scored]
     assert scored == responses
     assert scored < positions  # TRL's head on this device projects every position
+
+
+def test_labels_that_do_not_line_up_with_the_hidden_states_raise(tokenizer):
+    kwargs, labels = ragged_batch(len(tokenizer))
+    with pytest.raises(RuntimeError, match=r"hidden states \(3, 12\) do not line up with the labels \(3, 11\)"):
+        scored_forward(fused_model(len(tokenizer)), labels[:, 1:], **kwargs)

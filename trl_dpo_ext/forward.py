@@ -2,8 +2,9 @@
 
 The batch of `DataCollatorForMultiRejectedPreference` holds B chosen sequences, then the R = Σ K_i rejected ones,
 example by example. The forward runs TRL's fused LM head (`fused_lm_head=True`: per-token log-probs of the labels,
-without materialising the logits) on the scored positions only (`scored_positions.py`); with prefix sharing it runs on the packed rows and its outputs are laid out again
-as those of the unshared batch [B + R, L − 1], so everything after it is the same for both layouts.
+without materialising the logits) on the scored positions only (`scored_positions.py`); with prefix sharing it runs
+on the packed rows and its outputs are laid out again as those of the unshared batch [B + R, L − 1], so everything
+after it is the same for both layouts.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 TRL's `add_fused_lm_head` projects only the positions whose next-token label is not −100 where Triton runs (CUDA,
 XPU); elsewhere, the CPU included, it projects every position of the batch and masks afterwards, so that the tile
-shapes stay fixed for compiled backends. A K-rejected batch scores only its responses: with a long prompt, and most
-of all with prefix sharing (the prompt forwarded once, the responses short), most positions are not scored, and the
-LM head (vocabulary-wide log-softmax included) on them is most of the step on a CPU.
+shapes stay fixed for compiled backends. A preference batch scores only its responses: the prompt (repeated K + 1
+times without prefix sharing) and the padding are not scored, and on a CPU the head is a large part of the step (44%
+of stock TRL's on SmolLM2-135M at K = 7, its vocabulary-wide log-softmax included: docs/benchmarks.md).
 
 `scored_forward` runs the same patched forward, backbone and kernel, but hands the kernel only the scored positions:
 a forward hook on the backbone keeps the hidden states of the scored positions (one row [1, n + 1, H], plus a dummy
@@ -58,9 +58,16 @@ def compactable(model) -> bool:
 
 
 @contextlib.contextmanager
-def _keep_positions(backbone: torch.nn.Module, positions: torch.Tensor):
+def _keep_positions(backbone: torch.nn.Module, labels: torch.Tensor):
+    positions = scored_positions(labels)
+
     def keep(module, args, output):
         hidden = output.last_hidden_state
+        if hidden.shape[:2] != labels.shape:
+            raise RuntimeError(
+                f"The backbone's hidden states {tuple(hidden.shape[:2])} do not line up with the labels "
+                f"{tuple(labels.shape)}; the LM head cannot be restricted to the scored positions."
+            )
         kept = hidden.reshape(-1, hidden.size(-1)).index_select(0, positions)
         # TRL drops the last position of the row (`[:, :-1]`): a dummy one, with no gradient
         output.last_hidden_state = torch.cat([kept, kept.new_zeros(1, kept.size(-1))])[None]
@@ -78,7 +85,7 @@ def scored_forward(model, labels: torch.Tensor, **kwargs):
     per-token outputs are the batch's [B, L − 1], as TRL's."""
     if not compactable(model):
         return model(**kwargs, labels=labels, fused_lm_head=True)
-    with _keep_positions(causal_lm(model).base_model, scored_positions(labels)):
+    with _keep_positions(causal_lm(model).base_model, labels):
         outputs = model(**kwargs, labels=compact_labels(labels), fused_lm_head=True)
     for name in PER_TOKEN_FIELDS:
         values = getattr(outputs, name, None)
