@@ -150,6 +150,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-init", action="store_true", help="Random weights from the model folder's config.")
     parser.add_argument("--model", default=None, help="Model folder (default: trl_dpo_ext.real_model's SmolLM2).")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (GPU).")
+    parser.add_argument(
+        "--rows",
+        choices=["alpacaeval", "hh"],
+        default="alpacaeval",
+        help="alpacaeval: rated responses, best chosen, K lowest rejected; hh: HH-RLHF harmless test pairs, whole "
+        "dialogues as the prompt (K = 1 only).",
+    )
     parser.add_argument("--data", help="Folder written by --export to read the rows from.")
     parser.add_argument("--export", help="Write the rows (and the model's config and tokenizer) to this folder.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompt sample.")
@@ -161,29 +168,33 @@ def make_parser() -> argparse.ArgumentParser:
 
 def build_rows(args: argparse.Namespace, k: int, tokenizer) -> list[dict]:
     """The run's conversational one chosen + K rejected rows, responses cut at `--response-tokens` tokens."""
+    num_prompts = args.prompts_per_step * (args.warmup + args.rounds + args.profile)
     if args.data:
         with open(Path(args.data) / ROWS_FILE.format(k=k)) as f:
-            return [json.loads(line) for line in f]
-    from trl_dpo_ext.convert import rated_to_multi_rejected
-
-    with gzip.open(SHARED_DATA / "alpacaeval-rated.jsonl.gz", "rt") as f:
-        raw = [json.loads(line) for line in f]
-    rows = rated_to_multi_rejected(raw, num_rejected=k, min_rejected=k)
-    num_prompts = args.prompts_per_step * (args.warmup + args.rounds + args.profile)
-    if len(rows) < num_prompts:
-        raise SystemExit(f"{num_prompts} prompts needed, {len(rows)} rows have K = {k} rejected.")
-    rows = random.Random(args.seed).sample(rows, num_prompts)
+            rows = [json.loads(line) for line in f]
+        if len(rows) < num_prompts:
+            raise SystemExit(f"{num_prompts} prompts needed, {args.data} holds {len(rows)} rows at K = {k}.")
+        # The run's prompts only: a precomputed reference covers every row of the dataset
+        return rows[:num_prompts]
 
     def cut(text: str) -> list[dict]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.response_tokens]
         return [{"role": "assistant", "content": tokenizer.decode(ids)}]
 
+    if args.rows == "hh":
+        rows = hh_rows(k, num_prompts, args.seed)
+    else:
+        from trl_dpo_ext.convert import rated_to_multi_rejected
+
+        with gzip.open(SHARED_DATA / "alpacaeval-rated.jsonl.gz", "rt") as f:
+            raw = [json.loads(line) for line in f]
+        rows = rated_to_multi_rejected(raw, num_rejected=k, min_rejected=k)
+        if len(rows) < num_prompts:
+            raise SystemExit(f"{num_prompts} prompts needed, {len(rows)} rows have K = {k} rejected.")
+        rows = random.Random(args.seed).sample(rows, num_prompts)
+        rows = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
     rows = [
-        {
-            "prompt": [{"role": "user", "content": r["prompt"]}],
-            "chosen": cut(r["chosen"]),
-            "rejected": [cut(text) for text in r["rejected"]],
-        }
+        {"prompt": r["prompt"], "chosen": cut(r["chosen"]), "rejected": [cut(text) for text in r["rejected"]]}
         for r in rows
     ]
     if args.export:
@@ -192,6 +203,30 @@ def build_rows(args: argparse.Namespace, k: int, tokenizer) -> list[dict]:
         with open(folder / ROWS_FILE.format(k=k), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
+
+
+def hh_rows(k: int, num_prompts: int, seed: int) -> list[dict]:
+    """`num_prompts` HH-RLHF harmless test pairs (seeded draw): the dialogue before the last assistant turn as the
+    prompt's messages, the two last assistant turns as the chosen and the rejected text (which `build_rows` cuts)."""
+    if k != 1:
+        raise SystemExit(f"--rows hh has one rejected per prompt: run it with --k 1, not {k}.")
+    from experiment_real_model import hh_messages
+
+    with gzip.open(SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz", "rt") as f:
+        raw = [json.loads(line) for line in f]
+    random.Random(seed).shuffle(raw)
+    rows = []
+    for row in raw:
+        chosen, rejected = hh_messages(row["chosen"]), hh_messages(row["rejected"])
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
+            continue  # the two dialogues must differ in their last assistant turn only
+        if chosen[-1]["content"].strip() and rejected[-1]["content"].strip():
+            rows.append(
+                {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": [rejected[-1]["content"]]}
+            )
+        if len(rows) == num_prompts:
+            return rows
+    raise SystemExit(f"{num_prompts} prompts needed, {len(rows)} HH-RLHF rows qualify.")
 
 
 # ------------------------------------------------------------------------------------------------------ the arms
