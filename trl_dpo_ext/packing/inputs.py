@@ -7,13 +7,10 @@ from typing import Any
 
 import torch
 
+from ..scored_positions import PER_TOKEN_FIELDS
 from .attention import SEGMENT_SDPA
 from .masks import dense_attention_mask, flex_block_mask, varlen_kwargs
 from .models import MASK_IMPLEMENTATIONS, VARLEN_PREFIX
-
-
-# Per-token fields of TRL's `FusedCausalLMOutput`, laid out as the unshared batch's by `unpack_outputs`
-PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
 def packed_model_inputs(
@@ -68,7 +65,7 @@ def unpack(values: torch.Tensor, unpack_index: torch.Tensor, completion_mask: to
 
 def unpack_outputs(outputs, inputs: dict[str, Any]):
     """`FusedCausalLMOutput` of the packed forward, with every per-token field laid out as the unshared batch's."""
-    for name in PER_TOKEN_OUTPUTS:
+    for name in PER_TOKEN_FIELDS:
         values = getattr(outputs, name, None)
         if values is not None:
             setattr(outputs, name, unpack(values, inputs["unpack_index"], inputs["completion_mask"]))
