@@ -210,20 +210,18 @@ def hh_rows(k: int, num_prompts: int, seed: int) -> list[dict]:
     prompt's messages, the two last assistant turns as the chosen and the rejected text (which `build_rows` cuts)."""
     if k != 1:
         raise SystemExit(f"--rows hh has one rejected per prompt: run it with --k 1, not {k}.")
-    from experiment_real_model import hh_messages
+    from experiment_real_model import hh_pair
 
     with gzip.open(SHARED_DATA / "hh-rlhf-harmless-test.jsonl.gz", "rt") as f:
         raw = [json.loads(line) for line in f]
     random.Random(seed).shuffle(raw)
     rows = []
     for row in raw:
-        chosen, rejected = hh_messages(row["chosen"]), hh_messages(row["rejected"])
-        if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
-            continue  # the two dialogues must differ in their last assistant turn only
-        if chosen[-1]["content"].strip() and rejected[-1]["content"].strip():
-            rows.append(
-                {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": [rejected[-1]["content"]]}
-            )
+        if (pair := hh_pair(row)) is None:
+            continue
+        prompt, chosen, rejected = pair
+        if chosen.strip() and rejected.strip():
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": [rejected]})
         if len(rows) == num_prompts:
             return rows
     raise SystemExit(f"{num_prompts} prompts needed, {len(rows)} HH-RLHF rows qualify.")

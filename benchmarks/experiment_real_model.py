@@ -158,6 +158,15 @@ def hh_messages(text: str) -> list[dict]:
     return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
 
 
+def hh_pair(row: dict) -> tuple[list[dict], str, str] | None:
+    """An HH-RLHF row as (the prompt's messages, the chosen answer, the rejected answer), or None where its two
+    dialogues differ elsewhere than in their last assistant turn."""
+    chosen, rejected = hh_messages(row["chosen"]), hh_messages(row["rejected"])
+    if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
+        return None
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
 def hh_split(cfg: GridConfig, tokenizer) -> list[dict]:
     """`--hh_pairs` HH-RLHF harmless test pairs (seeded draw) whose prompt fits `--hh_max_prompt_tokens` through the
     chat template, responses cut like AlpacaEval's; pairs whose cut responses are equal are left out."""
@@ -166,16 +175,15 @@ def hh_split(cfg: GridConfig, tokenizer) -> list[dict]:
     random.Random(cfg.split_seed).shuffle(raw)
     pairs = []
     for row in raw:
-        chosen, rejected = hh_messages(row["chosen"]), hh_messages(row["rejected"])
-        if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
+        if (pair := hh_pair(row)) is None:
             continue
-        prompt = chosen[:-1]
+        prompt, chosen, rejected = pair
         length = len(
             tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
                 "input_ids"
             ]
         )
-        answers = [cut_to_tokens(tokenizer, m[-1]["content"], cfg.max_response_tokens) for m in (chosen, rejected)]
+        answers = [cut_to_tokens(tokenizer, answer, cfg.max_response_tokens) for answer in (chosen, rejected)]
         if length > cfg.hh_max_prompt_tokens or not all(answers) or answers[0] == answers[1]:
             continue
         pairs.append({"prompt": prompt, "responses": answers})
