@@ -60,11 +60,11 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "experiments_real_model
 
 
 def pair_accuracy(counts: dict, idx: list[int]) -> float:
-    correct = sum(
-        counts["concordant"][i] + 0.5 * (counts["pairs"][i] - counts["concordant"][i] - counts["discordant"][i])
-        for i in idx
+    # Concordant pairs count 1 and ties ½: (pairs + concordant − discordant) / 2, summed over the prompts in integers
+    pairs, concordant, discordant = (
+        sum(map(counts[key].__getitem__, idx)) for key in ("pairs", "concordant", "discordant")
     )
-    return correct / sum(counts["pairs"][i] for i in idx)
+    return (pairs + concordant - discordant) / 2 / pairs
 
 
 def kendall_tau(counts: dict, idx: list[int]) -> float:
@@ -79,7 +79,8 @@ def top1(counts: dict, idx: list[int]) -> float:
 
 
 def hh_accuracy(values: list[float], idx: list[int]) -> float:
-    return statistics.mean(values[i] for i in idx)
+    # The values are 0, ½ or 1 (`load` checks): their float sum is exact, so one division is statistics.mean's value
+    return sum(map(values.__getitem__, idx)) / len(idx)
 
 
 # (column title, data set, scorer, metric)
@@ -130,7 +131,9 @@ def paired_bootstrap(arm: dict[int, dict], base: dict[int, dict], column, rng: r
     for _ in range(REPLICATES):
         drawn = [rng.choice(seeds) for _ in seeds]
         idx = [rng.randrange(size) for _ in range(size)]
-        replicates.append(statistics.mean(metric(arm[s], column, idx) - metric(base[s], column, idx) for s in drawn))
+        # A seed drawn twice has one difference: computed once (the bootstrap's cost is these metrics)
+        difference = {s: metric(arm[s], column, idx) - metric(base[s], column, idx) for s in set(drawn)}
+        replicates.append(statistics.mean(difference[s] for s in drawn))
     replicates.sort()
     low, high = replicates[int(0.025 * REPLICATES)], replicates[int(0.975 * REPLICATES) - 1]
     below = sum(r <= 0 for r in replicates) / REPLICATES
@@ -141,9 +144,17 @@ def paired_bootstrap(arm: dict[int, dict], base: dict[int, dict], column, rng: r
 # ------------------------------------------------------------------------------------------------------ reading
 
 
+def check_hh_values(cell: dict, path: Path) -> None:
+    """HH accuracies are per pair: 1 right, 0 wrong, ½ a tie (what `hh_accuracy`'s exact sum relies on)."""
+    for scorer, values in cell["metrics"]["hh"].items():
+        if not set(values) <= {0.0, 0.5, 1.0}:
+            raise SystemExit(f"{path}: metrics.hh.{scorer} holds values other than 0, 0.5 and 1")
+
+
 def load(results: Path) -> tuple[dict, dict]:
     """(baseline, cells by (K, budget) → arm → seed → cell); cells of another configuration are refused."""
     baseline = json.loads((results / "baseline.json").read_text())
+    check_hh_values(baseline, results / "baseline.json")
     cells: dict = defaultdict(lambda: defaultdict(dict))
     for path in sorted(results.glob("k*.json")):
         cell = json.loads(path.read_text())
@@ -156,6 +167,7 @@ def load(results: Path) -> tuple[dict, dict]:
         pairs = cell["metrics"]["alpaca"]["reward_per_token"]["pairs"]
         if pairs != next(iter(baseline["metrics"]["alpaca"].values()))["pairs"]:
             raise SystemExit(f"{path}: its held-out pairs differ from baseline.json's")
+        check_hh_values(cell, path)
         cells[(cell["k"], cell["budget"])][cell["arm"]][cell["seed"]] = cell
     return baseline, cells
 
