@@ -253,6 +253,8 @@ class Arm:
     accumulation: int = 1
     steps: list[Step] = field(default_factory=list)
     profile: str = ""
+    profile_matmul_s: float = 0.0  # the profiled step: self time of the matmul kernels, and of every op
+    profile_ops_s: float = 0.0
     batches: list[Step] = field(default_factory=list)
     kept: list[Step] = field(default_factory=list)  # hard-negative selection: the batches of the training pass
     precomputed: bool = False  # the reference log-probs precomputed: no reference forward in the step
@@ -392,6 +394,10 @@ class PeakLive:
         self.peak = max(self.peak, self.live())
 
 
+# The kernels of the model's matmuls (projections, the LM head): the FLOPs counted; attention's are not
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
 class Turns(TrainerCallback):
     """Waits for the arm's turn before each optimizer step and passes the baton at its end, timing the step."""
 
@@ -434,6 +440,8 @@ class Turns(TrainerCallback):
                 for key in ("self_cpu_time_total", "cpu_time_total")
             )
             self.arm.profile, self.profiler = table, None
+            self.arm.profile_ops_s = sum(e.self_cpu_time_total for e in averages) / 1e6
+            self.arm.profile_matmul_s = sum(e.self_cpu_time_total for e in averages if e.key in MATMUL_OPS) / 1e6
         self.arm.steps.append(step)
         last = state.global_step >= state.max_steps
         self.baton.pass_on(self.arm.name, finished=last)
@@ -652,6 +660,32 @@ def report(args, k: int, arms: list[Arm], rates: list[float], body: int, head: i
     for arm in arms:
         if arm.profile:
             print(f"\nprofile of one step, {arm.label} (K = {k}):\n{arm.profile}")
+    if args.profile:
+        print(matmul_ceilings(arms, timed, rate, body, head))
+
+
+def matmul_ceilings(arms: list[Arm], timed: slice, rate: float, body: int, head: int) -> str:
+    """What the profiled step says each arm could reach were every op but its matmuls free: its FLOPs over its matmul
+    kernels' time against the matmul rate, and its median step cut to that share against the first arm's median."""
+    base = statistics.median(r.wall for r in arms[0].steps[timed])
+    lines = [
+        "\nCeilings from the profiled step (every op but the matmul kernels taking no time; attention counted as free):",
+        f"| arm | matmul kernels, s | all ops, s | matmul share | GFLOP/s over the matmul time | % matmul rate | "
+        f"vs {arms[0].name}, ceiling |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        if not arm.profile_ops_s:
+            continue
+        profiled = Arm(arm.name, arm.label, steps=arm.steps[-1:], kept=arm.kept, precomputed=arm.precomputed)
+        over_matmuls = step_flops(profiled, body, head) / arm.profile_matmul_s
+        share = arm.profile_matmul_s / arm.profile_ops_s
+        ceiling = base / (statistics.median(r.wall for r in arm.steps[timed]) * share)
+        lines.append(
+            f"| {arm.label} | {arm.profile_matmul_s:.2f} | {arm.profile_ops_s:.2f} | {share:.0%} | "
+            f"{over_matmuls / 1e9:.0f} | {over_matmuls / rate:.0%} | {ceiling:.2f}× |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
