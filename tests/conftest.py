@@ -1,4 +1,5 @@
-"""Shared fixtures: a character tokenizer and tiny models built fresh from a seeded config (nothing downloaded)."""
+"""Shared fixtures: a character tokenizer and tiny models built fresh from a seeded config (nothing downloaded); the
+pytest-xdist worker groups of the test command (`pytest -n 2 --dist loadgroup`)."""
 
 from __future__ import annotations
 

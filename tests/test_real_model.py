@@ -327,6 +327,26 @@ def test_second_call_reuses_the_folder_without_converting(smollm2, monkeypatch):
     assert (os.stat(marker).st_mtime_ns, os.stat(smollm2).st_mtime_ns) == stamp
 
 
+def test_a_folder_another_process_completed_meanwhile_is_kept_and_a_stale_one_replaced(tmp_path):
+    """Two processes converting at once: the second to finish leaves the first one's folder (in use) as it is."""
+
+    def folder(name: str, marker: dict | None) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "weights").write_text(name)
+        if marker is not None:
+            (path / real_model.MARKER).write_text(json.dumps(marker))
+        return path
+
+    complete = {"version": real_model._MARKER_VERSION}
+    target = folder("target", complete)
+    real_model._install(folder("staging", complete), target)
+    assert (target / "weights").read_text() == "target"
+    stale = folder("stale", {"version": -1})
+    real_model._install(folder("staging2", complete), stale)
+    assert (stale / "weights").read_text() == "staging2" and not (tmp_path / "staging2").exists()
+
+
 def test_verify_names_a_modified_file(smollm2, tmp_path):
     """On a copy (the weights linked, not copied): it verifies, then fails naming the file changed."""
     copy = tmp_path / "SmolLM2-135M-Instruct"

@@ -139,15 +139,22 @@ def _convert(gguf: Path, target: Path) -> None:
             "files_sha256": _folder_checksums(staging),
         }
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if target.exists():  # an incomplete or stale folder (no valid marker): replaced whole
-            shutil.rmtree(target)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not _is_complete(target):  # another process may have finished first; otherwise a real failure
-                raise
+        _install(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Move a finished folder into place, unless another process made a complete one meanwhile (kept: it may be in use)."""
+    if _is_complete(target):
+        return
+    if target.exists():  # an incomplete or stale folder (no valid marker): replaced whole
+        shutil.rmtree(target)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not _is_complete(target):  # another process may have finished first; otherwise a real failure
+            raise
 
 
 def _is_complete(folder: Path) -> bool:
