@@ -89,6 +89,14 @@ def test_holm_matches_a_hand_worked_example(summary):
     assert summary.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
 
 
+def test_an_hh_outcome_other_than_0_half_or_1_is_refused_naming_the_file(summary, tmp_path):
+    """The bootstrap's HH accuracy is an exact float sum of 0, ½ and 1: any other value is an error, not a drift."""
+    grid(tmp_path, seeds=range(2))
+    write_cell(tmp_path, "mean", 1, [(4, 4, 10), (5, 3, 9), (2, 6, 8), (6, 2, 10)], [1.0, 0.0, 0.3, 1.0])
+    with pytest.raises(SystemExit, match=r"k7-prompts-seed1-mean\.json: metrics\.hh\.reward_sum holds values other"):
+        summary.load(tmp_path)
+
+
 def test_an_arm_equal_to_the_baseline_differs_by_exactly_zero_and_does_not_hold(summary, tmp_path):
     grid(tmp_path)
     _, cells = summary.load(tmp_path)
