@@ -330,12 +330,11 @@ def test_second_call_reuses_the_folder_without_converting(smollm2, monkeypatch):
 def test_a_folder_another_process_completed_meanwhile_is_kept_and_a_stale_one_replaced(tmp_path):
     """Two processes converting at once: the second to finish leaves the first one's folder (in use) as it is."""
 
-    def folder(name: str, marker: dict | None) -> Path:
+    def folder(name: str, marker: dict) -> Path:
         path = tmp_path / name
         path.mkdir()
         (path / "weights").write_text(name)
-        if marker is not None:
-            (path / real_model.MARKER).write_text(json.dumps(marker))
+        (path / real_model.MARKER).write_text(json.dumps(marker))
         return path
 
     complete = {"version": real_model._MARKER_VERSION}
