@@ -334,7 +334,7 @@ def test_torchrun_on_a_cpu_without_use_cpu_fails_before_any_work_saying_what_to_
         "dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data.parent), "--output_dir", str(out),
         "--ref_init", "sft_on_chosen", "--ref_init_max_steps", "1", "--max_steps", "1", *CPU_DEFAULT_FLAGS,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode != 0
     message = (
         "This process is one of WORLD_SIZE=2 started by a launcher (torchrun, accelerate launch), but the Trainer"

@@ -307,7 +307,9 @@ def test_sft_ref_command_makes_a_reference_that_dpo_reuses(tokenizer, tmp_path, 
 def test_two_processes_make_one_reference_and_both_load_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*command, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

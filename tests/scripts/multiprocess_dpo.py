@@ -22,11 +22,13 @@ import argparse
 import json
 import os
 import sys
+import weakref
 
 import torch
 from datasets import Dataset, load_dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
+from trl_dpo_ext.cli import release_wrapped_model
 from trl_dpo_ext.quickstart import cpu_training_args
 
 
@@ -105,6 +107,12 @@ def train(
     logs = trainer.state.log_history
     # Every process takes part in the gather of a sharded model; the main process gets the full weights
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    # What `trl-dpo-ext dpo` does before destroying the process group: no reference to the DDP wrapper may survive
+    wrapped = trainer.model_wrapped
+    is_ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    wrapper = weakref.ref(wrapped)
+    del wrapped
+    release_wrapped_model(trainer)
     if trainer.accelerator.is_main_process:
         from torch.distributed.fsdp import FSDPModule
 
@@ -119,6 +127,7 @@ def train(
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": trainer.accelerator.distributed_type.value,
             "fully_sharded": isinstance(trainer.model, FSDPModule),
+            "ddp_wrapper_freed": wrapper() is None if is_ddp else None,
         }
         if config.precompute_ref_log_probs:
             # In the rows' order, padded with NaN to the largest number of rejected
