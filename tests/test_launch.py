@@ -175,7 +175,7 @@ def test_dpo_command_launches_two_cpu_processes_with_a_packaged_config(tmp_path)
         "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    # A hang (as pytorch/pytorch#56297 gave at exit, `cli.release_wrapped_model`) fails here, well before the CI time limit
+    # A hang (as pytorch/pytorch#56297 gave at exit, `DPOTrainer.end`) fails here, well before the CI time limit
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "Launching: accelerate launch --config_file" in result.stdout

@@ -88,8 +88,10 @@ def test_two_processes_of_batch_2_match_one_process_of_batch_4(runs, model_dir, 
         assert two["distributed_type"] == "FSDP" and two["fully_sharded"]
     else:
         assert two["distributed_type"] == "MULTI_CPU" and not two["fully_sharded"]
-        # Else the wrapper's reducer frees the destroyed gloo group holding the GIL: a deadlock at exit (`cli.py`)
-        assert two["ddp_wrapper_freed"] is True, "a reference to the DDP wrapper survives `release_wrapped_model`"
+        # Else the wrapper's reducer frees the destroyed gloo group holding the GIL: a deadlock at exit (`DPOTrainer.end`)
+        assert two["ddp_wrapper_freed"] is True, (
+            "a reference to the DDP wrapper survives into `end`'s group destruction"
+        )
     assert len(one["losses"]) == 3
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-6, rtol=1e-5)
     for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "grad_weight/mean", "grad_weight_eff/mean"):

@@ -165,22 +165,11 @@ def dpo(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any
 
 
 def _train_dpo(parsed: tuple) -> None:
+    import transformers
+
     trainer = dpo(*parsed)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and destroy the process group
-        release_wrapped_model(trainer)
+    if hasattr(transformers.Trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
         trainer.end()
-
-
-def release_wrapped_model(trainer: Any) -> None:
-    """Drop the trainer's reference to the DDP-wrapped model, before the process group is destroyed.
-
-    Otherwise the wrapper's reducer holds the last reference to a gloo group once `destroy_process_group` has run, and
-    frees it when the trainer goes, holding the GIL: torch's `~ProcessGroupGloo` then joins a worker thread that waits
-    for the GIL to free a gathered tensor, and the process never exits (seen with two CPU processes under load, rank 0
-    stuck in that join; pytorch/pytorch#56297). Freed first, the wrapper leaves the group to `destroy_process_group`,
-    which releases the GIL.
-    """
-    trainer.model_wrapped = trainer.model  # its only reference (accelerate keeps the unwrapped model)
 
 
 def dpo_main(argv: list[str]) -> int:

@@ -222,6 +222,19 @@ class DPOTrainer(ModelCardMixin, trl.DPOTrainer):
         self._run_identity.start(resume_from_checkpoint, self.loss_spec, self.train_dataset, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def end(self) -> None:
+        """Finish the trackers and destroy the process group, as transformers' `Trainer.end` (>= 5.18), which TRL's
+        `trl dpo` script calls last; the DDP-wrapped model is dropped first.
+
+        Otherwise the wrapper's reducer holds the last reference to a gloo group once `destroy_process_group` has run,
+        and frees it when the trainer goes, holding the GIL: torch's `~ProcessGroupGloo` then joins a worker thread
+        that waits for the GIL to free a gathered tensor, and the process never exits (seen with two CPU processes
+        under load, rank 0 stuck in that join; pytorch/pytorch#56297). Dropped first, the wrapper leaves the group to
+        `destroy_process_group`, which releases the GIL.
+        """
+        self.model_wrapped = self.model  # the wrapper's only reference (accelerate keeps the unwrapped model)
+        super().end()
+
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         self._setup_packed_forward()  # the parent's `__init__` runs this pass before it returns
         if isinstance(dataset, Dataset) and {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):

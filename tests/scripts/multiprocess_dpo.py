@@ -28,7 +28,6 @@ import torch
 from datasets import Dataset, load_dataset
 
 from trl_dpo_ext import DPOConfig, DPOTrainer
-from trl_dpo_ext.cli import release_wrapped_model
 from trl_dpo_ext.quickstart import cpu_training_args
 
 
@@ -107,12 +106,15 @@ def train(
     logs = trainer.state.log_history
     # Every process takes part in the gather of a sharded model; the main process gets the full weights
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    # What `trl-dpo-ext dpo` does before destroying the process group: no reference to the DDP wrapper may survive
+    # `trainer.end()`, its group destruction replaced by a check that no reference to the DDP wrapper is left then
+    # (the script's processes destroy the group once, after the last setting)
     wrapped = trainer.model_wrapped
     is_ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
     wrapper = weakref.ref(wrapped)
     del wrapped
-    release_wrapped_model(trainer)
+    freed_at_end = []
+    trainer.accelerator.end_training = lambda: freed_at_end.append(wrapper() is None)
+    trainer.end()
     if trainer.accelerator.is_main_process:
         from torch.distributed.fsdp import FSDPModule
 
@@ -127,7 +129,7 @@ def train(
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": trainer.accelerator.distributed_type.value,
             "fully_sharded": isinstance(trainer.model, FSDPModule),
-            "ddp_wrapper_freed": wrapper() is None if is_ddp else None,
+            "ddp_wrapper_freed": freed_at_end == [True] if is_ddp else None,
         }
         if config.precompute_ref_log_probs:
             # In the rows' order, padded with NaN to the largest number of rejected
